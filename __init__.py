@@ -1,0 +1,1 @@
+"""torchgraft: model conversions as declarative graph rewrites."""

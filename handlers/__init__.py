@@ -1,0 +1,1 @@
+"""torchgraft.handlers."""
