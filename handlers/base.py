@@ -1,0 +1,87 @@
+"""The :class:`Handler` base class: a named conversion made of rules and options."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import fx, nn
+
+from torchgraft.handlers.options import build_options
+from torchgraft.ir.rule import Match, Rule
+
+
+class Handler:
+    """A conversion: rules plus typed options, ordering declarations and optimizer hooks.
+
+    Subclass it, declare rules with :func:`torchgraft.rule` in the class body, and register
+    it with :func:`torchgraft.register_handler`. Options are a nested ``Options`` dataclass
+    (document each field under it); ``Handler(**options)`` validates them. The class also
+    satisfies the ``ModelHandler`` protocol training frameworks call:
+    ``__init__(job_config, parallel_dims)``, :meth:`convert`,
+    :meth:`pre_optimizer_hook` and :meth:`post_optimizer_hook`.
+    """
+
+    name: ClassVar[str] = ""
+    """Registry name, set by :func:`register_handler`."""
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Handlers that must be in the same plan and run before this one."""
+    after: ClassVar[tuple[str, ...]] = ()
+    """Handlers that, when present in the plan, run before this one."""
+    before: ClassVar[tuple[str, ...]] = ()
+    """Handlers that, when present in the plan, run after this one."""
+    sqnr_tolerance: ClassVar[float | None] = None
+    """Minimum SQNR (dB) of outputs and gradients after this handler in the verify stage;
+    None for exact rewrites (checked against a tight float tolerance instead)."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class Options:
+        """This handler takes no options."""
+
+    def __init__(self, job_config: Any = None, parallel_dims: Any = None, **options: Any) -> None:
+        self.job_config = job_config
+        self.parallel_dims = parallel_dims
+        self.options = build_options(type(self).Options, options, handler=self.display_name)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or type(self).__name__
+
+    @classmethod
+    def rules(cls) -> list[Rule]:
+        """The rules declared in the class body (and its bases), in declaration order."""
+        seen: dict[int, Rule] = {}
+        for klass in reversed(cls.__mro__):
+            for value in vars(klass).values():
+                if isinstance(value, Rule):
+                    seen.setdefault(id(value), value)
+        return list(seen.values())
+
+    def reject(self, match: Match) -> str | None:
+        """Instance-level filter applied to every match of this handler's rules.
+
+        Return None to accept the match, or a reason (shown by ``explain``) to skip it.
+        The default accepts everything; handlers use it for options like ``skip_fqns``.
+        """
+        return None
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Rewrite a captured graph module in place with this handler and return it."""
+        if not isinstance(model, fx.GraphModule):
+            raise TypeError(
+                f"{self.display_name}.convert expects a graph module from tg.capture(model, args); "
+                f"got {type(model).__name__}"
+            )
+        from torchgraft.passes.manager import PassManager
+
+        PassManager([self]).run(model)
+        return model
+
+    def pre_optimizer_hook(self, model_parts: list[nn.Module]) -> None:
+        """Called before each ``optimizer.step()``. Default: nothing."""
+
+    def post_optimizer_hook(self, model_parts: list[nn.Module]) -> None:
+        """Called after each ``optimizer.step()``. Default: nothing."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"

@@ -1,0 +1,1 @@
+"""Imports every built-in handler module so that each registers itself."""

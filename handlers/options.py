@@ -1,0 +1,85 @@
+"""Typed handler options: a dataclass per handler, validated from plain config values."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torchgraft.ir.errors import TorchgraftError
+
+
+class OptionError(TorchgraftError):
+    """A handler option is unknown or has a value of the wrong type."""
+
+    def __init__(self, message: str, *, handler: str, option: str | None) -> None:
+        super().__init__(message)
+        self.handler = handler
+        self.option = option
+
+
+def type_name(tp: Any) -> str:
+    """Readable name of a type annotation (``list[str]``, ``'a' | 'b'``)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", repr(tp))
+
+
+def conforms(value: Any, tp: Any) -> bool:
+    """Whether a plain (YAML-like) value fits annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin in (list, tuple, Sequence):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(conforms(v, item) for v in value)
+    if origin in (dict, Mapping):
+        key, val = args or (Any, Any)
+        return isinstance(value, dict) and all(conforms(k, key) and conforms(v, val) for k, v in value.items())
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def build_options(options_cls: type, values: Mapping[str, Any], *, handler: str) -> Any:
+    """Instantiate ``options_cls`` from ``values``, rejecting unknown names and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    hints = typing.get_type_hints(options_cls)
+    for name, value in values.items():
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(fields) or "none"
+            raise OptionError(
+                f"handler '{handler}' has no option {name!r}{hint} (options: {known})",
+                handler=handler, option=name,
+            )
+        if not conforms(value, hints[name]):
+            raise OptionError(
+                f"handler '{handler}' option {name!r} must be {type_name(hints[name])}, got {value!r}",
+                handler=handler, option=name,
+            )
+    instance = options_cls(**values)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as exc:
+            raise OptionError(f"handler '{handler}': {exc}", handler=handler, option=None) from exc
+    return instance

@@ -1,0 +1,276 @@
+"""Find where a rule's pattern matches: indexed anchors, backward unification.
+
+Candidates come from ``graph.find_nodes(op, target)`` for the pattern's anchor (its first
+output); from each, the pattern is unified backward through the arguments. Pattern ops
+not reachable backward from the anchor (other outputs) are reached through the users of
+nodes already matched. The first solution in graph order wins; overlapping matches of
+one rule keep the earliest anchor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx
+
+from torchgraft.ir.pattern import accepts, argument_name, call_args, same_value, target_name
+from torchgraft.ir.provenance import describe
+from torchgraft.ir.rule import Match, Rule
+
+IsLive = Callable[[fx.Node], bool]
+
+
+def _always_live(node: fx.Node) -> bool:
+    return True
+
+
+@dataclasses.dataclass
+class Failure:
+    """Why a rule did not match at a node."""
+
+    reason: str
+    pattern_node: str | None = None
+    argument: str | None = None
+
+    def __str__(self) -> str:
+        where = f"pattern node '{self.pattern_node}'" if self.pattern_node else "the match"
+        if self.argument:
+            where += f", {self.argument}"
+        return f"{where}: {self.reason}"
+
+
+class _Solver:
+    """Unifies a pattern against a graph from one anchor, with backtracking."""
+
+    def __init__(self, rule: Rule, is_live: IsLive, record: bool) -> None:
+        self.rule = rule
+        self.pattern = rule.pattern
+        self.is_live = is_live
+        self.record = record
+        self.failure: Failure | None = None
+
+    def _fail(self, ctx: tuple | None, reason: Callable[[], str]) -> None:
+        if self.record and self.failure is None:
+            if ctx is None:
+                self.failure = Failure(reason())
+            else:
+                pnode, index, path = ctx
+                arg = argument_name(pnode, index) + "".join(f"[{i}]" for i in path)
+                self.failure = Failure(reason(), pnode.name, arg)
+        return None
+
+    def solve(self, anchor: fx.Node) -> dict[fx.Node, Any] | None:
+        state = self._unify([(self.pattern.anchor, anchor, None)], {}, set())
+        if state is None:
+            return None
+        return self._bridge(state)
+
+    def _bridge(self, state: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:
+        """Match pattern ops not reachable backward from the anchor via users of matched nodes."""
+        while True:
+            pending = [p for p in self.pattern.ops if p not in state]
+            if not pending:
+                return state
+            for p in pending:
+                sources = [a for a in p.all_input_nodes if isinstance(state.get(a), fx.Node)]
+                if sources:
+                    break
+            else:  # unreachable for validated (connected) patterns
+                return self._fail(None, lambda: "pattern is not connected")
+            used = {g for k, g in state.items() if k.op != "placeholder"}
+            for cand in state[sources[0]].users:
+                if cand.target != p.target or cand in used or not self.is_live(cand):
+                    continue
+                solved = self._unify([(p, cand, None)], dict(state), set(used))
+                if solved is not None:
+                    state = solved
+                    break
+            else:
+                return self._fail(
+                    None,
+                    lambda p=p, s=state[sources[0]]: f"no user of '{s.name}' matches pattern node "
+                    f"'{p.name}' ({target_name(p)})",
+                )
+
+    def _unify(self, work: list, state: dict, used: set) -> dict | None:
+        while work:
+            p, g, ctx = work.pop()
+            if isinstance(p, fx.Node):
+                if p.op == "placeholder":
+                    if p in state:
+                        if not same_value(state[p], g):
+                            return self._fail(ctx, lambda p=p, g=g, s=state: (
+                                f"parameter '{p.name}' is bound to {_show(s[p])} but here is {_show(g)}"))
+                    elif not accepts(self.pattern.annotations.get(p.name), g):
+                        return self._fail(ctx, lambda p=p, g=g: (
+                            f"parameter '{p.name}' is annotated "
+                            f"{self.pattern.annotations[p.name]} and cannot bind {_show(g)}"))
+                    else:
+                        state[p] = g
+                    continue
+                if not isinstance(g, fx.Node):
+                    return self._fail(ctx, lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}")
+                if g.op != p.op or g.target != p.target:
+                    return self._fail(ctx, lambda p=p, g=g: (
+                        f"expected {target_name(p)}, found {_show(g)}"))
+                if p in state:
+                    if state[p] is not g:
+                        return self._fail(ctx, lambda p=p, g=g: (
+                            f"pattern node '{p.name}' already matched '{state[p].name}', not '{g.name}'"))
+                    continue
+                if g in used or not self.is_live(g):
+                    return self._fail(ctx, lambda g=g: f"'{g.name}' is already part of this match")
+                state[p] = g
+                used.add(g)
+                pargs, gargs = call_args(p), call_args(g)
+                if len(pargs) != len(gargs):
+                    return self._fail(ctx, lambda g=g, n=len(pargs): (
+                        f"'{g.name}' has {len(gargs)} arguments, the pattern {n}"))
+                pairs = [(pa, ga, (p, i, ())) for i, (pa, ga) in enumerate(zip(pargs, gargs))]
+                if p.target in self.rule.commutative and len(pairs) >= 2:
+                    swapped = [(pargs[0], gargs[1], (p, 0, ())), (pargs[1], gargs[0], (p, 1, ()))]
+                    for alternative in (pairs, swapped + pairs[2:]):
+                        solved = self._unify(work + alternative[::-1], dict(state), set(used))
+                        if solved is not None:
+                            return solved
+                    return None
+                work.extend(reversed(pairs))
+            elif isinstance(p, (list, tuple)):
+                if not isinstance(g, (list, tuple)) or len(g) != len(p):
+                    return self._fail(ctx, lambda p=p, g=g: f"expected a list like {p!r}, found {_show(g)}")
+                pnode, index, path = ctx
+                work.extend(
+                    (pi, gi, (pnode, index, (*path, i))) for i, (pi, gi) in reversed(list(enumerate(zip(p, g))))
+                )
+            elif isinstance(g, fx.Node) or not same_value(p, g):
+                return self._fail(ctx, lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}")
+        return state
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, fx.Node):
+        if value.op in ("call_function", "call_method"):
+            return f"'{value.name}' ({target_name(value)})"
+        return f"'{value.name}' ({value.op})"
+    return repr(value)
+
+
+def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> str | None:
+    """Why replacing this structural match would be wrong, or None."""
+    ops = {state[p] for p in rule.pattern.ops}
+    outputs = {state[p] for p in rule.pattern.outputs}
+    for name, pnode in rule.pattern.placeholders.items():
+        bound = state[pnode]
+        if isinstance(bound, fx.Node) and bound in ops:
+            return f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match"
+    for node in ops - outputs:
+        outside = [u for u in node.users if u not in ops and is_live(u)]
+        if outside:
+            return (
+                f"internal node '{node.name}' is also used by '{outside[0].name}' outside the "
+                "match; replacing it would change that user"
+            )
+    return None
+
+
+def _build_match(rule: Rule, state: dict[fx.Node, Any], handler: Any) -> Match:
+    pattern = rule.pattern
+    return Match(
+        rule=rule,
+        anchor=state[pattern.anchor],
+        nodes={p.name: state[p] for p in pattern.ops},
+        bindings={name: state[p] for name, p in pattern.placeholders.items()},
+        outputs=[state[p] for p in pattern.outputs],
+        handler=handler,
+    )
+
+
+def _filter_failure(match: Match) -> str | None:
+    """Why the rule's module globs, the handler or ``where`` reject a structural match."""
+    rule = match.rule
+    failure = rule.module_filter_failure(match.module_fqn)
+    if failure:
+        return failure
+    if match.handler is not None:
+        failure = match.handler.reject(match)
+        if failure:
+            return f"handler '{match.handler.name}' rejects it: {failure}"
+    if rule.where is not None and not rule.where(match):
+        return f"where= predicate of rule '{rule.name}' returned False"
+    return None
+
+
+def match_at(
+    rule: Rule, node: fx.Node, handler: Any = None, is_live: IsLive = _always_live
+) -> Match | None:
+    """The match of ``rule`` anchored at ``node``, or None."""
+    anchor = rule.pattern.anchor
+    if node.op != anchor.op or node.target != anchor.target or not is_live(node):
+        return None
+    state = _Solver(rule, is_live, record=False).solve(node)
+    if state is None or _validity_failure(rule, state, is_live):
+        return None
+    match = _build_match(rule, state, handler)
+    return None if _filter_failure(match) else match
+
+
+def find_matches(
+    graph: fx.Graph, rule: Rule, handler: Any = None, is_live: IsLive = _always_live
+) -> list[Match]:
+    """All non-overlapping matches of ``rule`` in ``graph``, in graph order of their anchors."""
+    anchor = rule.pattern.anchor
+    claimed: set[fx.Node] = set()
+    matches = []
+    for node in graph.find_nodes(op=anchor.op, target=anchor.target):
+        if node in claimed:
+            continue
+        match = match_at(rule, node, handler, is_live)
+        if match is None:
+            continue
+        replaced = match.nodes.values()
+        if claimed.isdisjoint(replaced):
+            claimed.update(replaced)
+            matches.append(match)
+    return matches
+
+
+@dataclasses.dataclass
+class Explanation:
+    """Answer of :func:`explain`: whether ``rule`` matches at ``node`` and, if not, why."""
+
+    node: str
+    matched: bool
+    failure: Failure | None = None
+    match: Match | None = None
+
+    def __str__(self) -> str:
+        if self.matched:
+            return f"rule matches at node '{self.node}'"
+        return f"rule does not match at node '{self.node}': {self.failure}"
+
+
+def explain(rule: Rule, node: fx.Node, handler: Any = None) -> Explanation:
+    """Say why ``rule`` does (or does not) match at ``node``: the first pattern node and
+    argument that failed and why, or the validity check or filter that rejected it."""
+    anchor = rule.pattern.anchor
+    if node.op != anchor.op or node.target != anchor.target:
+        failure = Failure(
+            f"the pattern ends in {target_name(anchor)} but {describe(node)} is "
+            f"{target_name(node) if node.op.startswith('call') else node.op}",
+            anchor.name,
+        )
+        return Explanation(node.name, False, failure)
+    solver = _Solver(rule, _always_live, record=True)
+    state = solver.solve(node)
+    if state is None:
+        return Explanation(node.name, False, solver.failure or Failure("no match"))
+    invalid = _validity_failure(rule, state, _always_live)
+    if invalid:
+        return Explanation(node.name, False, Failure(invalid))
+    match = _build_match(rule, state, handler)
+    rejected = _filter_failure(match)
+    if rejected:
+        return Explanation(node.name, False, Failure(rejected), match)
+    return Explanation(node.name, True, None, match)

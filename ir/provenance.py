@@ -1,0 +1,65 @@
+"""Where a node came from: its module FQN, the user's source line, a short description."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import fx
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>[^\n]+)\n(?P<code>[^\n]*)')
+
+META_KEY = "torchgraft"
+"""``node.meta`` key of the provenance torchgraft stamps on nodes it creates."""
+
+
+def module_fqn(node: fx.Node) -> str:
+    """FQN of the innermost module the node was traced in (``""`` for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = next(reversed(stack.values()))[0]
+    return _normalize_fqn(path)
+
+
+def _normalize_fqn(path: str) -> str:
+    # Strict-mode export spells paths like "L['self'].layers[0].wq".
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\w+)\]", r".\1", path).lstrip(".")
+
+
+def is_user_file(filename: str) -> bool:
+    """True for files that are neither torch's nor torchgraft's own code."""
+    path = os.path.abspath(filename)
+    return not (path.startswith(_TORCH_DIR) or path.startswith(_PACKAGE_DIR + os.sep + "ir"))
+
+
+def user_frame_from_text(text: str | None) -> str | None:
+    """The innermost user frame in a formatted traceback, as ``file:line: code``."""
+    if not text:
+        return None
+    user = [m for m in _FRAME.finditer(text) if is_user_file(m["file"])]
+    if not user:
+        return None
+    m = user[-1]
+    return f"{m['file']}:{m['line']}: {m['code'].strip()}"
+
+
+def user_source(node: fx.Node) -> str | None:
+    """The user's source line that produced ``node`` (``file:line: code``), if recorded."""
+    return user_frame_from_text(node.meta.get("stack_trace"))
+
+
+def describe(node: fx.Node) -> str:
+    """``name`` plus, where known, its module FQN and the user's source line."""
+    parts = [f"node '{node.name}'"]
+    fqn = module_fqn(node)
+    if fqn:
+        parts.append(f"in module '{fqn}'")
+    source = user_source(node)
+    if source:
+        parts.append(f"from {source}")
+    return " ".join(parts)

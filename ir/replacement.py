@@ -1,0 +1,164 @@
+"""Trace a rule's replacement into a template graph, using the matched values' shapes.
+
+Tensor parameters become proxies whose ``.shape``, ``.dtype``, ``.size()`` ... are the
+matched node's fake tensor, so a replacement may branch on shapes. Every traced op is run
+on fake tensors as it is recorded, which gives the new nodes their ``meta["val"]``.
+Templates are cached per input signature (shapes, dtypes, literal values): fake
+propagation through a custom op costs ~0.7 ms, and a model repeats the same signatures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch.fx.node import map_aggregate
+
+from torchgraft.ir.errors import RuleDefinitionError
+from torchgraft.ir.rule import Match, Rule
+
+
+class ShapedProxy(fx.Proxy):
+    """A proxy that answers shape questions from its node's fake value."""
+
+    @property
+    def val(self) -> Any:
+        return self.node.meta["val"]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.val.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.val.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.val.device
+
+    @property
+    def ndim(self) -> int:
+        return self.val.ndim
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.val.size() if dim is None else self.val.size(dim)
+
+    def dim(self) -> int:
+        return self.val.dim()
+
+    def numel(self) -> int:
+        return self.val.numel()
+
+    def __len__(self) -> int:
+        return len(self.val)
+
+    def __iter__(self):
+        if isinstance(self.val, (tuple, list)):
+            return (self[i] for i in range(len(self.val)))
+        return super().__iter__()
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, fake_mode: Any) -> None:
+        super().__init__()
+        self.graph = fx.Graph()
+        self.root = torch.nn.Module()
+        self.tensor_attrs: dict = {}
+        self.fake_mode = fake_mode
+
+    def proxy(self, node: fx.Node) -> ShapedProxy:
+        return ShapedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        if kind == "get_attr":
+            raise RuleDefinitionError(
+                "a replacement may not create tensor constants or use module attributes; "
+                "pass scalars to ops instead"
+            )
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind in ("call_function", "call_method"):
+            node.meta["val"] = self._run_fake(node)
+        return node
+
+    def _run_fake(self, node: fx.Node) -> Any:
+        args, kwargs = map_aggregate(
+            (node.args, node.kwargs), lambda a: a.meta["val"] if isinstance(a, fx.Node) else a
+        )
+        context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        with context:
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class Template:
+    """A traced replacement: placeholders named after the pattern's tensor parameters."""
+
+    graph: fx.Graph
+    placeholders: dict[str, fx.Node]
+    ops: list[fx.Node]
+    outputs: list[Any]
+
+
+def signature(match: Match) -> tuple | None:
+    """Hashable key of the matched values, or None when they cannot be keyed (symbolic shapes)."""
+    key = []
+    for name, value in match.bindings.items():
+        if isinstance(value, fx.Node):
+            val = value.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                key.append((name, tuple(val.shape), val.stride(), val.dtype, val.device, val.requires_grad))
+            else:
+                key.append((name, "node", repr(val)))
+        else:
+            key.append((name, "literal", repr(value)))
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def trace_replacement(rule: Rule, match: Match) -> Template:
+    """Trace ``rule``'s replacement for the values bound in ``match``."""
+    node_vals = [v.meta.get("val") for v in match.bindings.values() if isinstance(v, fx.Node)]
+    tracer = _Tracer(detect_fake_mode(node_vals))
+    placeholders, kwargs = {}, {}
+    for name, value in match.bindings.items():
+        if isinstance(value, fx.Node):
+            if "val" not in value.meta:
+                raise RuleDefinitionError(
+                    f"node '{value.name}' has no meta['val']; capture the model with tg.capture "
+                    "so every node carries its fake value"
+                )
+            proxy = tracer.create_proxy("placeholder", name, (), {})
+            proxy.node.meta["val"] = value.meta["val"]
+            placeholders[name] = proxy.node
+            kwargs[name] = proxy
+        else:
+            kwargs[name] = value
+    args = (match.handler,) if rule.wants_handler else ()
+    result = rule.replace_fn(*args, **kwargs)
+    results = list(result) if isinstance(result, (tuple, list)) else [result]
+    expected = len(rule.pattern.outputs)
+    if len(results) != expected:
+        raise RuleDefinitionError(
+            f"replacement of rule '{rule.name}' returned {len(results)} values, the pattern has {expected} outputs"
+        )
+    outputs = []
+    for value in results:
+        if not isinstance(value, fx.Proxy):
+            raise RuleDefinitionError(
+                f"replacement of rule '{rule.name}' must return traced values (results of ops or "
+                f"its tensor parameters), got {value!r}"
+            )
+        outputs.append(value.node)
+    ops = [n for n in tracer.graph.nodes if n.op in ("call_function", "call_method")]
+    return Template(tracer.graph, placeholders, ops, outputs)

@@ -1,0 +1,198 @@
+"""Apply matches to a graph as one transaction.
+
+Edits go through a :class:`GraphEditor` that journals them: new nodes are inserted, the
+uses of each replaced output are moved to its replacement, and replaced nodes are only
+*retired* (skipped by later matching) until :meth:`GraphEditor.commit` erases them. If
+anything raises before that, :meth:`GraphEditor.rollback` moves the uses back and erases
+the new nodes, leaving the graph exactly as it was; no copy of the graph is ever made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import fx
+
+from torchgraft.ir.errors import RewriteError, TorchgraftError
+from torchgraft.ir.matcher import find_matches
+from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
+from torchgraft.ir.replacement import Template, signature, trace_replacement
+from torchgraft.ir.rule import Match, Rule
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class GraphEditor:
+    """Journaled, reversible edits of one graph."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self._retired: set[fx.Node] = set()
+        self._inserted: list[fx.Node] = []
+        self._rewired: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []
+        self._forward: dict[fx.Node, fx.Node] = {}
+
+    def is_live(self, node: fx.Node) -> bool:
+        """False for nodes replaced earlier in this transaction."""
+        return node not in self._retired
+
+    def resolve(self, value: Any) -> Any:
+        """The current stand-in for ``value`` (a replaced output maps to its replacement)."""
+        while isinstance(value, fx.Node) and value in self._forward:
+            value = self._forward[value]
+        return value
+
+    def insert_copy(self, node: fx.Node, env: dict[fx.Node, Any]) -> fx.Node:
+        new = self.graph.node_copy(node, lambda n: env[n])
+        self._inserted.append(new)
+        return new
+
+    def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
+        users = old.replace_all_uses_with(new)
+        self._rewired.append((old, new, users))
+        self._forward[old] = new
+
+    def retire(self, nodes: Any) -> None:
+        self._retired.update(nodes)
+
+    def commit(self) -> None:
+        """Erase the retired nodes and check the graph."""
+        for node in reversed(self.graph.nodes):
+            if node in self._retired:
+                self.graph.erase_node(node)
+        self.graph.lint()
+        self._reset()
+
+    def rollback(self) -> None:
+        """Undo every edit since the last commit."""
+        for old, new, users in reversed(self._rewired):
+            for user in users:
+                user.replace_input_with(new, old)
+        for node in reversed(self._inserted):
+            self.graph.erase_node(node)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._retired.clear()
+        self._inserted.clear()
+        self._rewired.clear()
+        self._forward.clear()
+
+    def node_order(self) -> dict[fx.Node, int]:
+        return {node: i for i, node in enumerate(self.graph.nodes)}
+
+
+@dataclasses.dataclass
+class MatchRecord:
+    """What one applied match did; kept in the run report."""
+
+    handler: str
+    rule: str
+    anchor: str
+    module_fqn: str
+    replaced: list[str]
+    """Names of the graph nodes the match replaced (they no longer exist after the run)."""
+    created: list[str]
+    overwrote: dict[str, dict]
+    """Replaced nodes that an earlier rule created: name → their provenance."""
+
+
+class RuleApplier:
+    """Applies rules through one :class:`GraphEditor`, caching templates per signature."""
+
+    def __init__(self, editor: GraphEditor) -> None:
+        self.editor = editor
+        self._templates: dict[tuple, dict[tuple, Template]] = {}
+
+    def apply(self, rule: Rule, handler: Any = None, handler_name: str = "") -> list[MatchRecord]:
+        """Find all matches of ``rule`` on the live graph and replace them."""
+        if rule.replace_fn is None:
+            raise RewriteError(
+                f"rule '{rule.name}' ({rule.location}) has no replacement; attach one with "
+                f"@{rule.name}.replacement",
+                handler=handler_name, rule=rule.name, node=None, source=None,
+            )
+        try:
+            matches = find_matches(self.editor.graph, rule, handler, self.editor.is_live)
+        except TorchgraftError:
+            raise
+        except Exception as exc:
+            raise RewriteError(
+                f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): a filter raised "
+                f"{type(exc).__name__}: {exc}",
+                handler=handler_name, rule=rule.name, node=None, source=None,
+            ) from exc
+        cache = self._templates.setdefault((id(handler), rule), {})
+        return [self._apply_one(match, cache, handler_name) for match in matches]
+
+    def _apply_one(self, match: Match, cache: dict, handler_name: str) -> MatchRecord:
+        rule = match.rule
+        try:
+            key = signature(match)
+            template = cache.get(key) if key is not None else None
+            if template is None:
+                template = trace_replacement(rule, match)
+                if key is not None:
+                    cache[key] = template
+            created = self._splice(match, template, handler_name)
+        except Exception as exc:
+            source = user_source(match.anchor)
+            raise RewriteError(
+                f"handler '{handler_name}' rule '{rule.name}' ({rule.location}) failed at "
+                f"{describe(match.anchor)}: {type(exc).__name__}: {exc}",
+                handler=handler_name, rule=rule.name, node=match.anchor.name, source=source,
+            ) from exc
+        replaced = list(match.nodes.values())
+        return MatchRecord(
+            handler=handler_name,
+            rule=rule.name,
+            anchor=match.anchor.name,
+            module_fqn=module_fqn(match.anchor),
+            replaced=[n.name for n in replaced],
+            created=[n.name for n in created],
+            overwrote={n.name: n.meta[META_KEY] for n in replaced if META_KEY in n.meta},
+        )
+
+    def _splice(self, match: Match, template: Template, handler_name: str) -> list[fx.Node]:
+        editor, anchor = self.editor, match.anchor
+        env: dict[fx.Node, Any] = {
+            node: editor.resolve(match.bindings[name]) for name, node in template.placeholders.items()
+        }
+        provenance = {
+            "handler": handler_name,
+            "rule": match.rule.name,
+            "replaced": [n.name for n in match.nodes.values()],
+        }
+        created = []
+        with editor.graph.inserting_before(self._insertion_point(match, env)):
+            for node in template.ops:
+                new = editor.insert_copy(node, env)
+                for key in _COPIED_META:
+                    if key in anchor.meta:
+                        new.meta[key] = anchor.meta[key]
+                new.meta[META_KEY] = provenance
+                env[node] = new
+                created.append(new)
+        for old, out in zip(match.outputs, template.outputs):
+            editor.replace_uses(old, env[out])
+        editor.retire(match.nodes.values())
+        return created
+
+    def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:
+        """Before the anchor for one output; for several, right after the last input."""
+        if len(match.outputs) == 1:
+            return match.anchor
+        order = self.editor.node_order()
+        replaced = set(match.nodes.values())
+        inputs = [v for v in env.values() if isinstance(v, fx.Node)]
+        first_op = min(replaced, key=order.__getitem__)
+        point = max(inputs, key=order.__getitem__).next if inputs else first_op
+        users = [u for out in match.outputs for u in out.users if u not in replaced and self.editor.is_live(u)]
+        if any(order[u] < order[point] for u in users):
+            raise RewriteError(
+                f"rule '{match.rule.name}': outputs of the match at '{match.anchor.name}' are used "
+                "before all of its inputs exist; the replacement cannot be placed without reordering",
+                handler=None, rule=match.rule.name, node=match.anchor.name, source=user_source(match.anchor),
+            )
+        return point
