@@ -47,7 +47,9 @@ def conforms(value: Any, tp: Any) -> bool:
         return isinstance(value, (list, tuple)) and all(conforms(v, item) for v in value)
     if origin in (dict, Mapping):
         key, val = args or (Any, Any)
-        return isinstance(value, dict) and all(conforms(k, key) and conforms(v, val) for k, v in value.items())
+        return isinstance(value, dict) and all(
+            conforms(k, key) and conforms(v, val) for k, v in value.items()
+        )
     if tp is type(None):
         return value is None
     if tp is float:
@@ -68,12 +70,14 @@ def build_options(options_cls: type, values: Mapping[str, Any], *, handler: str)
             known = ", ".join(fields) or "none"
             raise OptionError(
                 f"handler '{handler}' has no option {name!r}{hint} (options: {known})",
-                handler=handler, option=name,
+                handler=handler,
+                option=name,
             )
         if not conforms(value, hints[name]):
             raise OptionError(
                 f"handler '{handler}' option {name!r} must be {type_name(hints[name])}, got {value!r}",
-                handler=handler, option=name,
+                handler=handler,
+                option=name,
             )
     instance = options_cls(**values)
     validate = getattr(instance, "validate", None)

@@ -18,8 +18,15 @@ class RuleDefinitionError(TorchgraftError):
 class RewriteError(TorchgraftError):
     """A replacement failed while a plan ran; the graph was rolled back unchanged."""
 
-    def __init__(self, message: str, *, handler: str | None, rule: str | None, node: str | None,
-                 source: str | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        handler: str | None,
+        rule: str | None,
+        node: str | None,
+        source: str | None,
+    ) -> None:
         super().__init__(message)
         self.handler = handler
         self.rule = rule

@@ -90,8 +90,9 @@ class _Solver:
             else:
                 return self._fail(
                     None,
-                    lambda p=p, s=state[sources[0]]: f"no user of '{s.name}' matches pattern node "
-                    f"'{p.name}' ({target_name(p)})",
+                    lambda p=p, s=state[sources[0]]: (
+                        f"no user of '{s.name}' matches pattern node '{p.name}' ({target_name(p)})"
+                    ),
                 )
 
     def _unify(self, work: list, state: dict, used: set) -> dict | None:
@@ -101,24 +102,39 @@ class _Solver:
                 if p.op == "placeholder":
                     if p in state:
                         if not same_value(state[p], g):
-                            return self._fail(ctx, lambda p=p, g=g, s=state: (
-                                f"parameter '{p.name}' is bound to {_show(s[p])} but here is {_show(g)}"))
+                            return self._fail(
+                                ctx,
+                                lambda p=p, g=g, s=state: (
+                                    f"parameter '{p.name}' is bound to {_show(s[p])} but here is {_show(g)}"
+                                ),
+                            )
                     elif not accepts(self.pattern.annotations.get(p.name), g):
-                        return self._fail(ctx, lambda p=p, g=g: (
-                            f"parameter '{p.name}' is annotated "
-                            f"{self.pattern.annotations[p.name]} and cannot bind {_show(g)}"))
+                        return self._fail(
+                            ctx,
+                            lambda p=p, g=g: (
+                                f"parameter '{p.name}' is annotated "
+                                f"{self.pattern.annotations[p.name]} and cannot bind {_show(g)}"
+                            ),
+                        )
                     else:
                         state[p] = g
                     continue
                 if not isinstance(g, fx.Node):
-                    return self._fail(ctx, lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}")
+                    return self._fail(
+                        ctx, lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}"
+                    )
                 if g.op != p.op or g.target != p.target:
-                    return self._fail(ctx, lambda p=p, g=g: (
-                        f"expected {target_name(p)}, found {_show(g)}"))
+                    return self._fail(
+                        ctx, lambda p=p, g=g: f"expected {target_name(p)}, found {_show(g)}"
+                    )
                 if p in state:
                     if state[p] is not g:
-                        return self._fail(ctx, lambda p=p, g=g: (
-                            f"pattern node '{p.name}' already matched '{state[p].name}', not '{g.name}'"))
+                        return self._fail(
+                            ctx,
+                            lambda p=p, g=g: (
+                                f"pattern node '{p.name}' already matched '{state[p].name}', not '{g.name}'"
+                            ),
+                        )
                     continue
                 if g in used or not self.is_live(g):
                     return self._fail(ctx, lambda g=g: f"'{g.name}' is already part of this match")
@@ -126,8 +142,13 @@ class _Solver:
                 used.add(g)
                 pargs, gargs = call_args(p), call_args(g)
                 if len(pargs) != len(gargs):
-                    return self._fail(ctx, lambda g=g, n=len(pargs): (
-                        f"'{g.name}' has {len(gargs)} arguments, the pattern {n}"))
+                    counts = (len(gargs), len(pargs))
+                    return self._fail(
+                        ctx,
+                        lambda g=g, c=counts: (
+                            f"'{g.name}' has {c[0]} arguments, the pattern {c[1]}"
+                        ),
+                    )
                 pairs = [(pa, ga, (p, i, ())) for i, (pa, ga) in enumerate(zip(pargs, gargs))]
                 if p.target in self.rule.commutative and len(pairs) >= 2:
                     swapped = [(pargs[0], gargs[1], (p, 0, ())), (pargs[1], gargs[0], (p, 1, ()))]
@@ -139,10 +160,13 @@ class _Solver:
                 work.extend(reversed(pairs))
             elif isinstance(p, (list, tuple)):
                 if not isinstance(g, (list, tuple)) or len(g) != len(p):
-                    return self._fail(ctx, lambda p=p, g=g: f"expected a list like {p!r}, found {_show(g)}")
+                    return self._fail(
+                        ctx, lambda p=p, g=g: f"expected a list like {p!r}, found {_show(g)}"
+                    )
                 pnode, index, path = ctx
                 work.extend(
-                    (pi, gi, (pnode, index, (*path, i))) for i, (pi, gi) in reversed(list(enumerate(zip(p, g))))
+                    (pi, gi, (pnode, index, (*path, i)))
+                    for i, (pi, gi) in reversed(list(enumerate(zip(p, g))))
                 )
             elif isinstance(g, fx.Node) or not same_value(p, g):
                 return self._fail(ctx, lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}")

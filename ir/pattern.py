@@ -96,7 +96,9 @@ def _annotations(fn: Callable) -> dict[str, Any]:
         hints = typing.get_type_hints(fn)
     except Exception:  # unresolvable forward references: fall back to unchecked parameters
         hints = {}
-    return {name: hints.get(name, inspect.Parameter.empty) for name in inspect.signature(fn).parameters}
+    return {
+        name: hints.get(name, inspect.Parameter.empty) for name in inspect.signature(fn).parameters
+    }
 
 
 class Pattern:
@@ -174,4 +176,3 @@ def literal_equal(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # e.g. comparing a SymInt that cannot be decided
         return a is b
-

@@ -113,7 +113,9 @@ def signature(match: Match) -> tuple | None:
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
             if isinstance(val, torch.Tensor):
-                key.append((name, tuple(val.shape), val.stride(), val.dtype, val.device, val.requires_grad))
+                key.append(
+                    (name, tuple(val.shape), val.stride(), val.dtype, val.device, val.requires_grad)
+                )
             else:
                 key.append((name, "node", repr(val)))
         else:

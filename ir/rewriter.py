@@ -111,7 +111,10 @@ class RuleApplier:
             raise RewriteError(
                 f"rule '{rule.name}' ({rule.location}) has no replacement; attach one with "
                 f"@{rule.name}.replacement",
-                handler=handler_name, rule=rule.name, node=None, source=None,
+                handler=handler_name,
+                rule=rule.name,
+                node=None,
+                source=None,
             )
         try:
             matches = find_matches(self.editor.graph, rule, handler, self.editor.is_live)
@@ -121,7 +124,10 @@ class RuleApplier:
             raise RewriteError(
                 f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): a filter raised "
                 f"{type(exc).__name__}: {exc}",
-                handler=handler_name, rule=rule.name, node=None, source=None,
+                handler=handler_name,
+                rule=rule.name,
+                node=None,
+                source=None,
             ) from exc
         cache = self._templates.setdefault((id(handler), rule), {})
         return [self._apply_one(match, cache, handler_name) for match in matches]
@@ -141,7 +147,10 @@ class RuleApplier:
             raise RewriteError(
                 f"handler '{handler_name}' rule '{rule.name}' ({rule.location}) failed at "
                 f"{describe(match.anchor)}: {type(exc).__name__}: {exc}",
-                handler=handler_name, rule=rule.name, node=match.anchor.name, source=source,
+                handler=handler_name,
+                rule=rule.name,
+                node=match.anchor.name,
+                source=source,
             ) from exc
         replaced = list(match.nodes.values())
         return MatchRecord(
@@ -157,7 +166,8 @@ class RuleApplier:
     def _splice(self, match: Match, template: Template, handler_name: str) -> list[fx.Node]:
         editor, anchor = self.editor, match.anchor
         env: dict[fx.Node, Any] = {
-            node: editor.resolve(match.bindings[name]) for name, node in template.placeholders.items()
+            node: editor.resolve(match.bindings[name])
+            for name, node in template.placeholders.items()
         }
         provenance = {
             "handler": handler_name,
@@ -188,11 +198,19 @@ class RuleApplier:
         inputs = [v for v in env.values() if isinstance(v, fx.Node)]
         first_op = min(replaced, key=order.__getitem__)
         point = max(inputs, key=order.__getitem__).next if inputs else first_op
-        users = [u for out in match.outputs for u in out.users if u not in replaced and self.editor.is_live(u)]
+        users = [
+            u
+            for out in match.outputs
+            for u in out.users
+            if u not in replaced and self.editor.is_live(u)
+        ]
         if any(order[u] < order[point] for u in users):
             raise RewriteError(
                 f"rule '{match.rule.name}': outputs of the match at '{match.anchor.name}' are used "
                 "before all of its inputs exist; the replacement cannot be placed without reordering",
-                handler=None, rule=match.rule.name, node=match.anchor.name, source=user_source(match.anchor),
+                handler=None,
+                rule=match.rule.name,
+                node=match.anchor.name,
+                source=user_source(match.anchor),
             )
         return point

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 
-COMMUTATIVE = frozenset({aten.add.Tensor, aten.mul.Tensor, aten.maximum.default, aten.minimum.default})
+COMMUTATIVE = frozenset(
+    {aten.add.Tensor, aten.mul.Tensor, aten.maximum.default, aten.minimum.default}
+)
 """ATen ops whose first two operands commute (``add`` only with its default ``alpha=1``)."""
 
 
@@ -111,7 +113,9 @@ class Rule:
         names = list(params)
         self.wants_handler = bool(names) and names[0] == "self"
         takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        names = [n for n in names[self.wants_handler :] if params[n].kind is not params[n].VAR_KEYWORD]
+        names = [
+            n for n in names[self.wants_handler :] if params[n].kind is not params[n].VAR_KEYWORD
+        ]
         missing = [p for p in self.pattern.params if p not in names and not takes_var_kw]
         unknown = [n for n in names if n not in self.pattern.params]
         if missing or unknown:

@@ -55,7 +55,9 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, max_seq_len: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine and sine tables of shape ``[max_seq_len, head_dim // 2]``."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
@@ -161,7 +163,9 @@ class LlamaWithLoss(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1))
 
 
-def build_llama(preset: str = "debug", *, with_loss: bool = False, seed: int | None = 0, **overrides) -> nn.Module:
+def build_llama(
+    preset: str = "debug", *, with_loss: bool = False, seed: int | None = 0, **overrides
+) -> nn.Module:
     """Build a Llama model from a preset name (``debug`` or ``tiny``) plus field overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown Llama preset {preset!r}; choose one of {sorted(PRESETS)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from torch import fx
 
@@ -14,7 +14,7 @@ from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.rewriter import GraphEditor, RuleApplier
 from torchgraft.passes.report import Report
 
-HandlerSpec = Union[str, Mapping[str, Mapping[str, Any]], Handler, type[Handler]]
+HandlerSpec = str | Mapping[str, Mapping[str, Any]] | Handler | type[Handler]
 """A handler name, ``{name: {option: value}}``, a handler instance or a handler class."""
 
 
@@ -27,7 +27,7 @@ def instantiate(spec: HandlerSpec) -> Handler:
     if isinstance(spec, str):
         return get_handler(spec)()
     if isinstance(spec, Mapping) and len(spec) == 1:
-        (name, options), = spec.items()
+        ((name, options),) = spec.items()
         return get_handler(name)(**dict(options or {}))
     raise TorchgraftError(
         f"a handler is given as a name, {{name: {{options}}}}, a Handler or a Handler class; got {spec!r}"

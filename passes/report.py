@@ -29,10 +29,15 @@ class Report:
         rows = [("handler", "rule", "matches", "ms")]
         for name in self.order:
             rules = self.rule_matches.get(name, {})
-            rows.append((name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}"))
+            rows.append(
+                (name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}")
+            )
             rows.extend(("", rule, str(count), "") for rule, count in rules.items())
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join(
-            "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
             for row in rows
         )

@@ -1,0 +1,48 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor, times handler factors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier for optimizer update ``step`` (0-based).
+
+    Warmup (``step < warmup_steps``): ``(step + 1) / warmup_steps``, so the first update
+    already moves and update ``warmup_steps - 1`` uses the full LR. Then a half cosine from
+    1 at ``step = warmup_steps`` down to ``min_lr_ratio`` at ``step = total_steps``, flat
+    after that.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    multipliers: Sequence[Callable[[int], float]] = (),
+) -> LambdaLR:
+    """A ``LambdaLR`` scaling each group's LR by :func:`warmup_cosine` times every multiplier.
+
+    ``multipliers`` are handlers' ``lr_multiplier(step)`` methods; ``step`` is the number of
+    optimizer updates applied so far (skipped non-finite steps do not advance it).
+    """
+
+    def factor(step: int) -> float:
+        value = warmup_cosine(
+            step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+        )
+        for multiplier in multipliers:
+            value *= multiplier(step)
+        return value
+
+    return LambdaLR(optimizer, factor)
