@@ -44,10 +44,13 @@ class Failure:
 class _Solver:
     """Unifies a pattern against a graph from one anchor, with backtracking."""
 
-    def __init__(self, rule: Rule, is_live: IsLive, record: bool) -> None:
+    def __init__(
+        self, rule: Rule, is_live: IsLive, accept: Callable[[dict], str | None], record: bool
+    ) -> None:
         self.rule = rule
         self.pattern = rule.pattern
         self.is_live = is_live
+        self.accept = accept
         self.record = record
         self.failure: Failure | None = None
 
@@ -62,38 +65,38 @@ class _Solver:
         return None
 
     def solve(self, anchor: fx.Node) -> dict[fx.Node, Any] | None:
-        state = self._unify([(self.pattern.anchor, anchor, None)], {}, set())
-        if state is None:
-            return None
-        return self._bridge(state)
+        """A complete, accepted binding of the pattern with its anchor at ``anchor``, or None."""
+        return self._unify([(self.pattern.anchor, anchor, None)], {}, set())
 
-    def _bridge(self, state: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:
-        """Match pattern ops not reachable backward from the anchor via users of matched nodes."""
-        while True:
-            pending = [p for p in self.pattern.ops if p not in state]
-            if not pending:
-                return state
-            for p in pending:
-                sources = [a for a in p.all_input_nodes if isinstance(state.get(a), fx.Node)]
-                if sources:
-                    break
-            else:  # unreachable for validated (connected) patterns
-                return self._fail(None, lambda: "pattern is not connected")
-            used = {g for k, g in state.items() if k.op != "placeholder"}
-            for cand in state[sources[0]].users:
-                if cand.target != p.target or cand in used or not self.is_live(cand):
-                    continue
+    def _complete(self, state: dict, used: set) -> dict | None:
+        """Called when the work list is empty: reach the pattern ops not reachable backward
+        from the anchor through users of matched nodes, then run the acceptance check.
+        Returning None backtracks into the caller's remaining alternatives."""
+        pending = next(
+            (
+                (p, src)
+                for p in self.pattern.ops
+                if p not in state
+                for src in p.all_input_nodes
+                if isinstance(state.get(src), fx.Node)
+            ),
+            None,
+        )
+        if pending is None:
+            reason = self.accept(state)
+            return state if reason is None else self._fail(None, lambda: reason)
+        p, src = pending
+        for cand in state[src].users:
+            if cand.target == p.target and cand not in used and self.is_live(cand):
                 solved = self._unify([(p, cand, None)], dict(state), set(used))
                 if solved is not None:
-                    state = solved
-                    break
-            else:
-                return self._fail(
-                    None,
-                    lambda p=p, s=state[sources[0]]: (
-                        f"no user of '{s.name}' matches pattern node '{p.name}' ({target_name(p)})"
-                    ),
-                )
+                    return solved
+        return self._fail(
+            None,
+            lambda: (
+                f"no user of '{state[src].name}' matches pattern node '{p.name}' ({target_name(p)})"
+            ),
+        )
 
     def _unify(self, work: list, state: dict, used: set) -> dict | None:
         while work:
@@ -170,7 +173,7 @@ class _Solver:
                 )
             elif isinstance(g, fx.Node) or not same_value(p, g):
                 return self._fail(ctx, lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}")
-        return state
+        return self._complete(state, used)
 
 
 def _show(value: Any) -> str:
@@ -226,6 +229,21 @@ def _filter_failure(match: Match) -> str | None:
     return None
 
 
+class _Acceptance:
+    """The checks a complete structural binding must pass; keeps the accepted Match."""
+
+    def __init__(self, rule: Rule, handler: Any, is_live: IsLive) -> None:
+        self.rule, self.handler, self.is_live = rule, handler, is_live
+        self.match: Match | None = None
+
+    def __call__(self, state: dict) -> str | None:
+        reason = _validity_failure(self.rule, state, self.is_live)
+        if reason is None:
+            self.match = _build_match(self.rule, state, self.handler)
+            reason = _filter_failure(self.match)
+        return reason
+
+
 def match_at(
     rule: Rule, node: fx.Node, handler: Any = None, is_live: IsLive = _always_live
 ) -> Match | None:
@@ -233,11 +251,10 @@ def match_at(
     anchor = rule.pattern.anchor
     if node.op != anchor.op or node.target != anchor.target or not is_live(node):
         return None
-    state = _Solver(rule, is_live, record=False).solve(node)
-    if state is None or _validity_failure(rule, state, is_live):
+    accept = _Acceptance(rule, handler, is_live)
+    if _Solver(rule, is_live, accept, record=False).solve(node) is None:
         return None
-    match = _build_match(rule, state, handler)
-    return None if _filter_failure(match) else match
+    return accept.match
 
 
 def find_matches(
@@ -286,15 +303,8 @@ def explain(rule: Rule, node: fx.Node, handler: Any = None) -> Explanation:
             anchor.name,
         )
         return Explanation(node.name, False, failure)
-    solver = _Solver(rule, _always_live, record=True)
-    state = solver.solve(node)
-    if state is None:
-        return Explanation(node.name, False, solver.failure or Failure("no match"))
-    invalid = _validity_failure(rule, state, _always_live)
-    if invalid:
-        return Explanation(node.name, False, Failure(invalid))
-    match = _build_match(rule, state, handler)
-    rejected = _filter_failure(match)
-    if rejected:
-        return Explanation(node.name, False, Failure(rejected), match)
-    return Explanation(node.name, True, None, match)
+    accept = _Acceptance(rule, handler, _always_live)
+    solver = _Solver(rule, _always_live, accept, record=True)
+    if solver.solve(node) is None:
+        return Explanation(node.name, False, solver.failure or Failure("no match"), accept.match)
+    return Explanation(node.name, True, None, accept.match)

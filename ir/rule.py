@@ -92,6 +92,7 @@ class Rule:
         commutative: Iterable[Any] = (),
     ) -> None:
         self.name = name or pattern.__name__
+        self._named = name is not None
         self.location = _location(pattern)
         self.pattern = Pattern(pattern, where=f"'{self.name}' ({self.location})")
         self.where = where
@@ -140,6 +141,12 @@ class Rule:
         if hit is not None:
             return f"module '{fqn}' is excluded by exclude glob {hit!r}"
         return None
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        # ``relu = tg.rule(shared_pattern)`` names the rule after its attribute.
+        if not self._named:
+            self.name = attribute
+            self._named = True
 
     def __repr__(self) -> str:
         return f"<Rule {self.name} at {self.location}>"

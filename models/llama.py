@@ -67,8 +67,8 @@ def rotary_tables(
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs ``(x[..., :h/2], x[..., h/2:])`` of ``x: [B, L, H, D]`` by position."""
     seq_len = x.shape[1]
-    cos = cos[:seq_len].view(1, seq_len, 1, -1)
-    sin = sin[:seq_len].view(1, seq_len, 1, -1)
+    cos = cos.narrow(0, 0, seq_len).view(1, seq_len, 1, -1)
+    sin = sin.narrow(0, 0, seq_len).view(1, seq_len, 1, -1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 

@@ -8,12 +8,14 @@ the global torch RNG state and the loop counters after step ``k``. DCP writes th
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -54,7 +56,8 @@ class Checkpointer:
     def save(self, loop: dict[str, int]) -> Path:
         """Write a checkpoint for ``loop["step"]`` (steps done) and return its directory."""
         path = self.directory / f"step-{loop['step']}"
-        dcp.save(self._state(loop), checkpoint_id=path, no_dist=_no_dist())
+        with _quiet_single_process():
+            dcp.save(self._state(loop), checkpoint_id=path)
         return path
 
     def latest(self) -> Path | None:
@@ -70,7 +73,8 @@ class Checkpointer:
         """Restore everything from ``path``; returns the saved loop counters (same keys as
         the ``loop`` template)."""
         state = self._state(dict(loop))
-        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path)
         set_state_dict(
             self.model,
             self.optimizer,
@@ -106,6 +110,10 @@ class Checkpointer:
             state["step"].zero_()
 
 
-def _no_dist() -> bool:
-    """Single-process save/load unless a process group is initialized."""
-    return not (dist.is_available() and dist.is_initialized())
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """Silence DCP's warning that, without a process group, it saves/loads in one process
+    (the intended use here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
+        yield

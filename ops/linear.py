@@ -1,0 +1,118 @@
+"""Plumbing shared by the ``torchgraft::*_linear`` custom ops.
+
+Every op here is a drop-in for ``F.linear(x, w, bias)``: ``x [..., K]``, ``w [N, K]``,
+optional ``bias [N]``, output ``[..., N]`` in ``x.dtype``. Each format defines three custom
+ops with the same layout:
+
+* ``<fmt>_linear(x, w, bias, *config)``: forward, ``Y = X Wᵀ + b``;
+* ``<fmt>_linear_grad_input(grad, w, ...)``: ``dX = dY W``, shaped like ``x``;
+* ``<fmt>_linear_grad_weight(grad, x, ...)``: ``dW = dYᵀ X``, shaped like ``w``.
+
+:func:`register_linear_autograd` wires the last two into the first one's backward (plus the
+bias gradient, summed in float32), so the backward graph is made of custom ops and survives
+``torch.export`` / ``torch.compile`` unchanged. The GEMMs run on 2-D views: leading
+dimensions of ``x`` and ``grad`` are flattened into the token dimension ``M``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "as_2d",
+    "check_linear_args",
+    "fake_grad_input",
+    "fake_grad_weight",
+    "fake_linear",
+    "finish_grad_input",
+    "finish_linear",
+    "register_linear_autograd",
+]
+
+
+def check_linear_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``(x, w, bias)`` are valid ``F.linear`` arguments."""
+    if x.dim() < 1 or w.dim() != 2:
+        raise ValueError(
+            f"expected x [..., K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x [..., {x.shape[-1]}] does not match w {tuple(w.shape)} (K differs)")
+    if x.dtype != w.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"x, w and bias must share a dtype, got {x.dtype}, {w.dtype}, "
+            f"{None if bias is None else bias.dtype}"
+        )
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+
+
+def as_2d(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., C]`` viewed (or copied) as ``[prod(...), C]``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def finish_linear(y2d: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Add ``bias`` in float32 to the float32 GEMM result ``y2d [M, N]``, restore ``x``'s
+    leading dimensions and cast to ``x.dtype``."""
+    if bias is not None:
+        y2d = y2d + bias.float()
+    return y2d.reshape(*x.shape[:-1], y2d.shape[-1]).to(x.dtype)
+
+
+def finish_grad_input(dx2d: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Shape the float32 ``dX [M, K]`` like the forward input (``grad``'s leading dims)."""
+    return dx2d.reshape(*grad.shape[:-1], dx2d.shape[-1]).to(grad.dtype)
+
+
+def fake_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Fake (meta) implementation of a ``*_linear`` forward op (after its config checks)."""
+    check_linear_args(x, w, bias)
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def fake_grad_input(grad: torch.Tensor, w: torch.Tensor, *config: Any) -> torch.Tensor:
+    """Fake implementation of a ``*_linear_grad_input`` op: ``dX [..., K]``."""
+    return grad.new_empty((*grad.shape[:-1], w.shape[1]))
+
+
+def fake_grad_weight(grad: torch.Tensor, x: torch.Tensor, *config: Any) -> torch.Tensor:
+    """Fake implementation of a ``*_linear_grad_weight`` op: ``dW [N, K]``."""
+    return grad.new_empty((grad.shape[-1], x.shape[-1]))
+
+
+def _bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    """``dY`` summed over all but the last dimension, accumulated in float32."""
+    return grad.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32).to(grad.dtype)
+
+
+def register_linear_autograd(
+    op: Any,
+    grad_input: Callable[..., torch.Tensor],
+    grad_weight: Callable[..., torch.Tensor],
+) -> None:
+    """Register the backward of the forward custom op ``op(x, w, bias, *config)``.
+
+    ``grad_input(grad, w, *config)`` and ``grad_weight(grad, x, *config)`` must compute the
+    two GEMM gradients by calling custom ops; each is only called when that gradient is
+    needed. The bias gradient is ``dY`` summed in float32. ``x`` and ``w`` are saved as they
+    are (the quantized operands are recomputed in backward, which is deterministic).
+    """
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, w, _bias, *config = inputs
+        ctx.save_for_backward(x, w)
+        ctx.config = config
+
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        needs_x, needs_w, needs_bias = ctx.needs_input_grad[:3]
+        dx = grad_input(grad, w, *ctx.config) if needs_x else None
+        dw = grad_weight(grad, x, *ctx.config) if needs_w else None
+        dbias = _bias_grad(grad) if needs_bias else None
+        return (dx, dw, dbias, *(None for _ in ctx.config))
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -1,0 +1,93 @@
+"""Rules are checked when declared: bad patterns and replacements fail early and clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchgraft as tg
+
+aten = torch.ops.aten
+
+
+def test_rule_works_bare_and_with_keywords():
+    @tg.rule
+    def bare(x):
+        return aten.relu.default(x)
+
+    @tg.rule(name="named", exclude=["output"])
+    def keyworded(x):
+        return aten.relu.default(x)
+
+    assert isinstance(bare, tg.Rule) and bare.name == "bare"
+    assert keyworded.name == "named" and keyworded.exclude == ("output",)
+    assert "test_rule_definition.py:" in bare.location
+
+
+def test_replacement_must_accept_every_bound_name():
+    @tg.rule
+    def pat(x, w):
+        return aten.linear.default(x, w)
+
+    with pytest.raises(
+        tg.RuleDefinitionError, match=r"does not accept the pattern's parameters \['w'\]"
+    ):
+
+        @pat.replacement
+        def _(x):
+            return x
+
+    with pytest.raises(
+        tg.RuleDefinitionError, match=r"parameters \['y'\] that the pattern does not bind"
+    ):
+
+        @pat.replacement
+        def _(x, w, y):
+            return x
+
+
+def test_unused_parameter_and_opless_pattern_rejected():
+    with pytest.raises(tg.RuleDefinitionError, match=r"parameters \['unused'\] are never used"):
+
+        @tg.rule
+        def pat(x, unused):
+            return aten.relu.default(x)
+
+    with pytest.raises(tg.RuleDefinitionError, match="calls no op"):
+
+        @tg.rule
+        def identity(x):
+            return x
+
+
+def test_pattern_with_control_flow_reports_tracing_error():
+    with pytest.raises(tg.RuleDefinitionError, match="could not be traced"):
+
+        @tg.rule
+        def branchy(x):
+            if x.sum() > 0:
+                return aten.relu.default(x)
+            return aten.neg.default(x)
+
+
+def test_disconnected_outputs_rejected():
+    with pytest.raises(tg.RuleDefinitionError, match="share no node"):
+
+        @tg.rule
+        def two(x, y):
+            return aten.relu.default(x), aten.neg.default(y)
+
+
+def test_replacement_output_count_checked():
+    class TwoOut(tg.Handler):
+        @tg.rule
+        def relu(x):
+            return aten.relu.default(x)
+
+        @relu.replacement
+        def _(x):
+            return aten.relu.default(x), aten.neg.default(x)
+
+    gm = tg.capture(torch.nn.ReLU(), (torch.randn(4),))
+    with pytest.raises(tg.RewriteError, match="returned 2 values, the pattern has 1 outputs"):
+        tg.PassManager([TwoOut]).run(gm)
