@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import fx
 
-from torchgraft.ir.pattern import accepts, argument_name, call_args, same_value, target_name
+from torchgraft.ir.pattern import accepts, argument_name, call_args_like, same_value, target_name
 from torchgraft.ir.provenance import describe
 from torchgraft.ir.rule import Match, Rule
 
@@ -143,7 +143,8 @@ class _Solver:
                     return self._fail(ctx, lambda g=g: f"'{g.name}' is already part of this match")
                 state[p] = g
                 used.add(g)
-                pargs, gargs = call_args(p), call_args(g)
+                pargs = self.pattern.args[p]
+                gargs = call_args_like(g, len(pargs))
                 if len(pargs) != len(gargs):
                     counts = (len(gargs), len(pargs))
                     return self._fail(
@@ -217,9 +218,10 @@ def _build_match(rule: Rule, state: dict[fx.Node, Any], handler: Any) -> Match:
 def _filter_failure(match: Match) -> str | None:
     """Why the rule's module globs, the handler or ``where`` reject a structural match."""
     rule = match.rule
-    failure = rule.module_filter_failure(match.module_fqn)
-    if failure:
-        return failure
+    if rule.include or rule.exclude:
+        failure = rule.module_filter_failure(match.module_fqn)
+        if failure:
+            return failure
     if match.handler is not None:
         failure = match.handler.reject(match)
         if failure:
@@ -244,17 +246,48 @@ class _Acceptance:
         return reason
 
 
+def _may_match(rule: Rule, node: fx.Node) -> bool:
+    """Cheap rejection before unification: the anchor's op arguments must have the
+    pattern's targets (in either order for a declared-commutative anchor)."""
+    expected = rule.pattern.anchor_arg_targets
+    if not expected:
+        return True
+    args = call_args_like(node, len(rule.pattern.args[rule.pattern.anchor]))
+    orders = [args]
+    if node.target in rule.commutative and len(args) >= 2:
+        orders.append((args[1], args[0], *args[2:]))
+    return any(
+        all(i < len(a) and isinstance(a[i], fx.Node) and a[i].target == t for i, t in expected)
+        for a in orders
+    )
+
+
+class _AnchoredMatcher:
+    """Matches one rule at candidate anchors, reusing its solver between anchors."""
+
+    def __init__(self, rule: Rule, handler: Any, is_live: IsLive) -> None:
+        self.rule = rule
+        self.is_live = is_live
+        self.accept = _Acceptance(rule, handler, is_live)
+        self.solver = _Solver(rule, is_live, self.accept, record=False)
+
+    def __call__(self, node: fx.Node) -> Match | None:
+        anchor = self.rule.pattern.anchor
+        if node.op != anchor.op or node.target != anchor.target or not self.is_live(node):
+            return None
+        if not _may_match(self.rule, node):
+            return None
+        self.accept.match = None
+        if self.solver.solve(node) is None:
+            return None
+        return self.accept.match
+
+
 def match_at(
     rule: Rule, node: fx.Node, handler: Any = None, is_live: IsLive = _always_live
 ) -> Match | None:
     """The match of ``rule`` anchored at ``node``, or None."""
-    anchor = rule.pattern.anchor
-    if node.op != anchor.op or node.target != anchor.target or not is_live(node):
-        return None
-    accept = _Acceptance(rule, handler, is_live)
-    if _Solver(rule, is_live, accept, record=False).solve(node) is None:
-        return None
-    return accept.match
+    return _AnchoredMatcher(rule, handler, is_live)(node)
 
 
 def find_matches(
@@ -262,12 +295,13 @@ def find_matches(
 ) -> list[Match]:
     """All non-overlapping matches of ``rule`` in ``graph``, in graph order of their anchors."""
     anchor = rule.pattern.anchor
+    match_here = _AnchoredMatcher(rule, handler, is_live)
     claimed: set[fx.Node] = set()
     matches = []
     for node in graph.find_nodes(op=anchor.op, target=anchor.target):
         if node in claimed:
             continue
-        match = match_at(rule, node, handler, is_live)
+        match = match_here(node)
         if match is None:
             continue
         replaced = match.nodes.values()

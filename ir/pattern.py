@@ -55,6 +55,14 @@ def call_args(node: fx.Node) -> tuple:
     return tuple(out)
 
 
+def call_args_like(node: fx.Node, length: int) -> tuple:
+    """:func:`call_args` with a fast path: a node without keyword arguments that already
+    has ``length`` positional ones (the usual case in exported graphs) is returned as is."""
+    if not node.kwargs and len(node.args) == length:
+        return node.args
+    return call_args(node)
+
+
 def argument_name(node: fx.Node, index: int) -> str:
     """Human name of argument ``index`` of ``node`` (schema name where known)."""
     schema = _schema(node.target) if node.op == "call_function" else None
@@ -130,6 +138,14 @@ class Pattern:
         self._validate(where)
         self.anchor = self.outputs[0]
         self.params = list(self.placeholders)
+        self.args = {node: call_args(node) for node in self.ops}
+        """Each pattern op's normalized arguments (see :func:`call_args`)."""
+        self.anchor_arg_targets = tuple(
+            (i, arg.target)
+            for i, arg in enumerate(self.args[self.anchor])
+            if isinstance(arg, fx.Node) and arg.op != "placeholder"
+        )
+        """``(position, target)`` of the anchor's arguments that are ops: a cheap pre-check."""
 
     def _validate(self, where: str) -> None:
         if not self.ops:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -27,6 +28,7 @@ def module_fqn(node: fx.Node) -> str:
     return _normalize_fqn(path)
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalize_fqn(path: str) -> str:
     # Strict-mode export spells paths like "L['self'].layers[0].wq".
     path = re.sub(r"^L\['self'\]\.?", "", path)

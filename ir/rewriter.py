@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from torch import fx
+from torch.fx.node import map_arg
 
 from torchgraft.ir.errors import RewriteError, TorchgraftError
 from torchgraft.ir.matcher import find_matches
@@ -43,8 +44,16 @@ class GraphEditor:
             value = self._forward[value]
         return value
 
-    def insert_copy(self, node: fx.Node, env: dict[fx.Node, Any]) -> fx.Node:
-        new = self.graph.node_copy(node, lambda n: env[n])
+    def insert_copy(self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any]) -> fx.Node:
+        """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta."""
+        new = self.graph.create_node(
+            node.op,
+            node.target,
+            map_arg(node.args, env.__getitem__),
+            map_arg(node.kwargs, env.__getitem__),
+            name=node.name,
+        )
+        new.meta = meta
         self._inserted.append(new)
         return new
 
@@ -141,7 +150,12 @@ class RuleApplier:
                 template = trace_replacement(rule, match)
                 if key is not None:
                     cache[key] = template
-            created = self._splice(match, template, handler_name)
+            provenance = {
+                "handler": handler_name,
+                "rule": rule.name,
+                "replaced": [n.name for n in match.nodes.values()],
+            }
+            created = self._splice(match, template, provenance)
         except Exception as exc:
             source = user_source(match.anchor)
             raise RewriteError(
@@ -152,36 +166,30 @@ class RuleApplier:
                 node=match.anchor.name,
                 source=source,
             ) from exc
-        replaced = list(match.nodes.values())
         return MatchRecord(
             handler=handler_name,
             rule=rule.name,
             anchor=match.anchor.name,
             module_fqn=module_fqn(match.anchor),
-            replaced=[n.name for n in replaced],
+            replaced=provenance["replaced"],
             created=[n.name for n in created],
-            overwrote={n.name: n.meta[META_KEY] for n in replaced if META_KEY in n.meta},
+            overwrote={
+                n.name: n.meta[META_KEY] for n in match.nodes.values() if META_KEY in n.meta
+            },
         )
 
-    def _splice(self, match: Match, template: Template, handler_name: str) -> list[fx.Node]:
+    def _splice(self, match: Match, template: Template, provenance: dict) -> list[fx.Node]:
         editor, anchor = self.editor, match.anchor
         env: dict[fx.Node, Any] = {
             node: editor.resolve(match.bindings[name])
             for name, node in template.placeholders.items()
         }
-        provenance = {
-            "handler": handler_name,
-            "rule": match.rule.name,
-            "replaced": [n.name for n in match.nodes.values()],
-        }
+        inherited = {key: anchor.meta[key] for key in _COPIED_META if key in anchor.meta}
+        inherited[META_KEY] = provenance
         created = []
         with editor.graph.inserting_before(self._insertion_point(match, env)):
             for node in template.ops:
-                new = editor.insert_copy(node, env)
-                for key in _COPIED_META:
-                    if key in anchor.meta:
-                        new.meta[key] = anchor.meta[key]
-                new.meta[META_KEY] = provenance
+                new = editor.insert_copy(node, env, {**inherited, "val": node.meta["val"]})
                 env[node] = new
                 created.append(new)
         for old, out in zip(match.outputs, template.outputs):
