@@ -86,7 +86,7 @@ def fake_grad_weight(grad: torch.Tensor, x: torch.Tensor, *config: Any) -> torch
 
 def _bias_grad(grad: torch.Tensor) -> torch.Tensor:
     """``dY`` summed over all but the last dimension, accumulated in float32."""
-    return grad.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32).to(grad.dtype)
+    return as_2d(grad).sum(0, dtype=torch.float32).to(grad.dtype)
 
 
 def register_linear_autograd(
@@ -98,13 +98,15 @@ def register_linear_autograd(
 
     ``grad_input(grad, w, *config)`` and ``grad_weight(grad, x, *config)`` must compute the
     two GEMM gradients by calling custom ops; each is only called when that gradient is
-    needed. The bias gradient is ``dY`` summed in float32. ``x`` and ``w`` are saved as they
-    are (the quantized operands are recomputed in backward, which is deterministic).
+    needed. The bias gradient is ``dY`` summed in float32. ``x`` is saved only if ``w``
+    needs a gradient and ``w`` only if ``x`` does, unquantized: the quantized operands are
+    recomputed in backward (deterministically, so they equal the forward's).
     """
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         x, w, _bias, *config = inputs
-        ctx.save_for_backward(x, w)
+        needs_x, needs_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if needs_w else None, w if needs_x else None)
         ctx.config = config
 
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
