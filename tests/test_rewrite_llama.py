@@ -133,3 +133,29 @@ def test_replacement_sees_shapes_and_handler_options(llama_gm, tokens):
         n.args[1] for n in llama_gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)
     }
     assert 1.0 in factors
+
+
+class FuseQK(tg.Handler):
+    """Two projections of the same input → one linear on concatenated weights, split after."""
+
+    @tg.rule(include=["layers.*.attention.wq"])
+    def qk(x, wq, wk):
+        return aten.linear.default(x, wq), aten.linear.default(x, wk)
+
+    @qk.replacement
+    def _(x, wq, wk):
+        fused = aten.linear.default(x, aten.cat.default([wq, wk]))
+        q, k = aten.split_with_sizes.default(fused, [wq.shape[0], wk.shape[0]], -1)
+        return q, k
+
+
+def test_multi_output_rewrite(llama, llama_gm, tokens):
+    ref_out, ref_grads = _loss_and_grads(llama_gm, llama, tokens)
+    report = tg.PassManager([FuseQK]).run(llama_gm)
+    assert report.matches == {"FuseQK": 2}
+    linears = llama_gm.graph.find_nodes(op="call_function", target=aten.linear.default)
+    assert len(linears) == 15 - 2
+    out, grads = _loss_and_grads(llama_gm, llama, tokens)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
