@@ -10,6 +10,7 @@ one rule keep the earliest anchor.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +27,33 @@ def _always_live(node: fx.Node) -> bool:
     return True
 
 
+FAILURE_KINDS = (
+    "wrong_anchor",  # the node is not the op the pattern ends in
+    "wrong_op",  # an input is computed by another op than the pattern's
+    "literal_mismatch",  # a literal written in the pattern differs from the graph's
+    "list_mismatch",  # a list argument differs in length or kind
+    "argument_count",  # the op is called with another number of arguments
+    "annotation_mismatch",  # a parameter's annotation rejects the bound value
+    "parameter_bound_twice",  # one parameter meets two different values
+    "pattern_shares_node",  # one pattern op would match two graph nodes
+    "graph_shares_node",  # two pattern ops would match one graph node
+    "output_not_found",  # another output of the pattern is not among the users
+    "parameter_binds_pattern_op",  # a parameter binds a node the pattern's ops match
+    "internal_node_used_outside",  # an intermediate value has users outside the match
+    "include_glob",  # the module is not in the rule's include= globs
+    "exclude_glob",  # the module is in the rule's exclude= globs
+    "handler_reject",  # the handler's reject() refused the match
+    "where_predicate",  # the rule's where= predicate returned False
+)
+"""Every :attr:`Failure.kind`, in the order the matcher checks them."""
+
+
 @dataclasses.dataclass
 class Failure:
     """Why a rule did not match at a node."""
 
+    kind: str
+    """One of :data:`FAILURE_KINDS`."""
     reason: str
     pattern_node: str | None = None
     argument: str | None = None
@@ -45,7 +69,7 @@ class _Solver:
     """Unifies a pattern against a graph from one anchor, with backtracking."""
 
     def __init__(
-        self, rule: Rule, is_live: IsLive, accept: Callable[[dict], str | None], record: bool
+        self, rule: Rule, is_live: IsLive, accept: Callable[[dict], Failure | None], record: bool
     ) -> None:
         self.rule = rule
         self.pattern = rule.pattern
@@ -54,14 +78,20 @@ class _Solver:
         self.record = record
         self.failure: Failure | None = None
 
-    def _fail(self, ctx: tuple | None, reason: Callable[[], str]) -> None:
+    def _fail(self, ctx: tuple | None, kind: str, reason: Callable[[], str]) -> None:
+        """Record the first failure (when explaining) and return None to backtrack."""
         if self.record and self.failure is None:
             if ctx is None:
-                self.failure = Failure(reason())
+                self.failure = Failure(kind, reason())
             else:
                 pnode, index, path = ctx
                 arg = argument_name(pnode, index) + "".join(f"[{i}]" for i in path)
-                self.failure = Failure(reason(), pnode.name, arg)
+                self.failure = Failure(kind, reason(), pnode.name, arg)
+        return None
+
+    def _reject(self, failure: Failure) -> None:
+        if self.record and self.failure is None:
+            self.failure = failure
         return None
 
     def solve(self, anchor: fx.Node) -> dict[fx.Node, Any] | None:
@@ -83,8 +113,8 @@ class _Solver:
             None,
         )
         if pending is None:
-            reason = self.accept(state)
-            return state if reason is None else self._fail(None, lambda: reason)
+            failure = self.accept(state)
+            return state if failure is None else self._reject(failure)
         p, src = pending
         for cand in state[src].users:
             if cand.target == p.target and cand not in used and self.is_live(cand):
@@ -93,6 +123,7 @@ class _Solver:
                     return solved
         return self._fail(
             None,
+            "output_not_found",
             lambda: (
                 f"no user of '{state[src].name}' matches pattern node '{p.name}' ({target_name(p)})"
             ),
@@ -107,6 +138,7 @@ class _Solver:
                         if not same_value(state[p], g):
                             return self._fail(
                                 ctx,
+                                "parameter_bound_twice",
                                 lambda p=p, g=g, s=state: (
                                     f"parameter '{p.name}' is bound to {_show(s[p])} but here is {_show(g)}"
                                 ),
@@ -114,6 +146,7 @@ class _Solver:
                     elif not accepts(self.pattern.annotations.get(p.name), g):
                         return self._fail(
                             ctx,
+                            "annotation_mismatch",
                             lambda p=p, g=g: (
                                 f"parameter '{p.name}' is annotated "
                                 f"{self.pattern.annotations[p.name]} and cannot bind {_show(g)}"
@@ -124,23 +157,32 @@ class _Solver:
                     continue
                 if not isinstance(g, fx.Node):
                     return self._fail(
-                        ctx, lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}"
+                        ctx,
+                        "wrong_op",
+                        lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}",
                     )
                 if g.op != p.op or g.target != p.target:
                     return self._fail(
-                        ctx, lambda p=p, g=g: f"expected {target_name(p)}, found {_show(g)}"
+                        ctx,
+                        "wrong_op",
+                        lambda p=p, g=g: f"expected {target_name(p)}, found {_show(g)}",
                     )
                 if p in state:
                     if state[p] is not g:
                         return self._fail(
                             ctx,
+                            "pattern_shares_node",
                             lambda p=p, g=g: (
                                 f"pattern node '{p.name}' already matched '{state[p].name}', not '{g.name}'"
                             ),
                         )
                     continue
                 if g in used or not self.is_live(g):
-                    return self._fail(ctx, lambda g=g: f"'{g.name}' is already part of this match")
+                    return self._fail(
+                        ctx,
+                        "graph_shares_node",
+                        lambda g=g: f"'{g.name}' is already part of this match",
+                    )
                 state[p] = g
                 used.add(g)
                 pargs = self.pattern.args[p]
@@ -149,6 +191,7 @@ class _Solver:
                     counts = (len(gargs), len(pargs))
                     return self._fail(
                         ctx,
+                        "argument_count",
                         lambda g=g, c=counts: (
                             f"'{g.name}' has {c[0]} arguments, the pattern {c[1]}"
                         ),
@@ -165,7 +208,9 @@ class _Solver:
             elif isinstance(p, (list, tuple)):
                 if not isinstance(g, (list, tuple)) or len(g) != len(p):
                     return self._fail(
-                        ctx, lambda p=p, g=g: f"expected a list like {p!r}, found {_show(g)}"
+                        ctx,
+                        "list_mismatch",
+                        lambda p=p, g=g: f"expected a list like {p!r}, found {_show(g)}",
                     )
                 pnode, index, path = ctx
                 work.extend(
@@ -173,7 +218,11 @@ class _Solver:
                     for i, (pi, gi) in reversed(list(enumerate(zip(p, g))))
                 )
             elif isinstance(g, fx.Node) or not same_value(p, g):
-                return self._fail(ctx, lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}")
+                return self._fail(
+                    ctx,
+                    "literal_mismatch",
+                    lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}",
+                )
         return self._complete(state, used)
 
 
@@ -185,20 +234,24 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> str | None:
+def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
     """Why replacing this structural match would be wrong, or None."""
     ops = {state[p] for p in rule.pattern.ops}
     outputs = {state[p] for p in rule.pattern.outputs}
     for name, pnode in rule.pattern.placeholders.items():
         bound = state[pnode]
         if isinstance(bound, fx.Node) and bound in ops:
-            return f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match"
+            return Failure(
+                "parameter_binds_pattern_op",
+                f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match",
+            )
     for node in ops - outputs:
         outside = [u for u in node.users if u not in ops and is_live(u)]
         if outside:
-            return (
+            return Failure(
+                "internal_node_used_outside",
                 f"internal node '{node.name}' is also used by '{outside[0].name}' outside the "
-                "match; replacing it would change that user"
+                "match; replacing it would change that user",
             )
     return None
 
@@ -215,19 +268,24 @@ def _build_match(rule: Rule, state: dict[fx.Node, Any], handler: Any) -> Match:
     )
 
 
-def _filter_failure(match: Match) -> str | None:
+def _filter_failure(match: Match) -> Failure | None:
     """Why the rule's module globs, the handler or ``where`` reject a structural match."""
     rule = match.rule
     if rule.include or rule.exclude:
-        failure = rule.module_filter_failure(match.module_fqn)
-        if failure:
-            return failure
+        fqn = match.module_fqn
+        if rule.include and not any(fnmatch.fnmatchcase(fqn, g) for g in rule.include):
+            return Failure("include_glob", f"module '{fqn}' is not in include={list(rule.include)}")
+        hit = next((g for g in rule.exclude if fnmatch.fnmatchcase(fqn, g)), None)
+        if hit is not None:
+            return Failure("exclude_glob", f"module '{fqn}' is excluded by exclude glob {hit!r}")
     if match.handler is not None:
-        failure = match.handler.reject(match)
-        if failure:
-            return f"handler '{match.handler.name}' rejects it: {failure}"
+        reason = match.handler.reject(match)
+        if reason:
+            return Failure(
+                "handler_reject", f"handler '{match.handler.display_name}' rejects it: {reason}"
+            )
     if rule.where is not None and not rule.where(match):
-        return f"where= predicate of rule '{rule.name}' returned False"
+        return Failure("where_predicate", f"where= predicate of rule '{rule.name}' returned False")
     return None
 
 
@@ -238,12 +296,12 @@ class _Acceptance:
         self.rule, self.handler, self.is_live = rule, handler, is_live
         self.match: Match | None = None
 
-    def __call__(self, state: dict) -> str | None:
-        reason = _validity_failure(self.rule, state, self.is_live)
-        if reason is None:
+    def __call__(self, state: dict) -> Failure | None:
+        failure = _validity_failure(self.rule, state, self.is_live)
+        if failure is None:
             self.match = _build_match(self.rule, state, self.handler)
-            reason = _filter_failure(self.match)
-        return reason
+            failure = _filter_failure(self.match)
+        return failure
 
 
 def _may_match(rule: Rule, node: fx.Node) -> bool:
@@ -332,6 +390,7 @@ def explain(rule: Rule, node: fx.Node, handler: Any = None) -> Explanation:
     anchor = rule.pattern.anchor
     if node.op != anchor.op or node.target != anchor.target:
         failure = Failure(
+            "wrong_anchor",
             f"the pattern ends in {target_name(anchor)} but {describe(node)} is "
             f"{target_name(node) if node.op.startswith('call') else node.op}",
             anchor.name,
@@ -340,5 +399,5 @@ def explain(rule: Rule, node: fx.Node, handler: Any = None) -> Explanation:
     accept = _Acceptance(rule, handler, _always_live)
     solver = _Solver(rule, _always_live, accept, record=True)
     if solver.solve(node) is None:
-        return Explanation(node.name, False, solver.failure or Failure("no match"), accept.match)
+        return Explanation(node.name, False, solver.failure, accept.match)
     return Explanation(node.name, True, None, accept.match)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -132,15 +131,6 @@ class Rule:
             )
         self.replace_fn = fn
         return fn
-
-    def module_filter_failure(self, fqn: str) -> str | None:
-        """Why ``include`` / ``exclude`` reject module ``fqn``, or None if they accept it."""
-        if self.include and not any(fnmatch.fnmatchcase(fqn, g) for g in self.include):
-            return f"module '{fqn}' is not in include={list(self.include)}"
-        hit = next((g for g in self.exclude if fnmatch.fnmatchcase(fqn, g)), None)
-        if hit is not None:
-            return f"module '{fqn}' is excluded by exclude glob {hit!r}"
-        return None
 
     def __set_name__(self, owner: type, attribute: str) -> None:
         # ``relu = tg.rule(shared_pattern)`` names the rule after its attribute.
