@@ -28,6 +28,12 @@ def module_fqn(node: fx.Node) -> str:
     return _normalize_fqn(path)
 
 
+def module_stack(node: fx.Node) -> list[str]:
+    """FQNs of the modules the node was traced in, outermost first (the root excluded)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [fqn for fqn in (_normalize_fqn(path) for path, _ in stack.values()) if fqn]
+
+
 @functools.lru_cache(maxsize=4096)
 def _normalize_fqn(path: str) -> str:
     # Strict-mode export spells paths like "L['self'].layers[0].wq".

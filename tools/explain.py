@@ -23,12 +23,11 @@ from torchgraft.handlers.base import Handler
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.matcher import explain, find_matches
 from torchgraft.ir.pattern import target_name
-from torchgraft.ir.provenance import module_fqn, user_source
+from torchgraft.ir.provenance import module_fqn, module_stack, user_source
 from torchgraft.ir.rule import Rule
 from torchgraft.passes.manager import HandlerSpec, PassManager, instantiate
 from torchgraft.passes.report import Report
 from torchgraft.tools.graph_copy import run_on_copy
-from torchgraft.tools.node_info import module_stack
 
 # A hint per failure kind of the engine (torchgraft.ir.matcher.FAILURE_KINDS).
 HINTS: dict[str, str] = {

@@ -18,7 +18,7 @@ from typing import Literal
 
 from torch import fx
 
-from torchgraft.tools.node_info import module_stack
+from torchgraft.ir.provenance import module_stack
 
 
 @dataclasses.dataclass(frozen=True)

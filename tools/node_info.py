@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from torchgraft.ir.pattern import target_name
-from torchgraft.ir.provenance import META_KEY, _normalize_fqn, module_fqn, user_source
+from torchgraft.ir.provenance import META_KEY, module_fqn, user_source
 
 
 def is_op(node: fx.Node) -> bool:
@@ -29,12 +29,6 @@ def op_label(node: fx.Node) -> str:
 def op_histogram(graph: fx.Graph) -> Counter[str]:
     """How many nodes of each :func:`op_label` the graph has."""
     return Counter(op_label(node) for node in graph.nodes)
-
-
-def module_stack(node: fx.Node) -> list[str]:
-    """FQNs of the modules the node was traced in, outermost first (the root excluded)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [fqn for fqn in (_normalize_fqn(path) for path, _ in stack.values()) if fqn]
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
