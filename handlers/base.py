@@ -8,7 +8,15 @@ from typing import Any, ClassVar
 from torch import fx, nn
 
 from torchgraft.handlers.options import build_options
+from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.rule import Match, Rule
+
+RESERVED_OPTIONS = frozenset({"optional"})
+"""Keys a plan entry may set beside a handler's options (``{name: {optional: true}}``)."""
+
+
+class HandlerDefinitionError(TorchgraftError):
+    """A Handler subclass declares its ordering, tolerance or options wrongly."""
 
 
 class Handler:
@@ -20,6 +28,10 @@ class Handler:
     satisfies the ``ModelHandler`` protocol training frameworks call:
     ``__init__(job_config, parallel_dims)``, :meth:`convert`,
     :meth:`pre_optimizer_hook` and :meth:`post_optimizer_hook`.
+
+    The ordering declarations name other handlers by registry name; the pass manager
+    sorts a plan by them and checks them (:mod:`torchgraft.passes.ordering`). They, the
+    tolerance and ``Options`` are checked when the subclass is defined.
     """
 
     name: ClassVar[str] = ""
@@ -32,11 +44,40 @@ class Handler:
     """Handlers that, when present in the plan, run after this one."""
     sqnr_tolerance: ClassVar[float | None] = None
     """Minimum SQNR (dB) of outputs and gradients after this handler in the verify stage;
-    None for exact rewrites (checked against a tight float tolerance instead)."""
+    None for exact rewrites (held to rounding-level differences,
+    :data:`torchgraft.passes.verify.EXACT_SQNR_DB`)."""
 
     @dataclasses.dataclass(kw_only=True)
     class Options:
         """This handler takes no options."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        for attribute in ("requires", "after", "before"):
+            value = getattr(cls, attribute)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise HandlerDefinitionError(
+                    f"{where}.{attribute} must be a tuple of handler names, got {value!r}"
+                    + (f"; write ({value!r},)" if isinstance(value, str) else "")
+                )
+        tolerance = cls.sqnr_tolerance
+        if tolerance is not None and (
+            isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+        ):
+            raise HandlerDefinitionError(
+                f"{where}.sqnr_tolerance must be a number of dB or None, got {tolerance!r}"
+            )
+        if not dataclasses.is_dataclass(cls.Options):
+            raise HandlerDefinitionError(
+                f"{where}.Options must be a dataclass; decorate it with "
+                "@dataclasses.dataclass(kw_only=True)"
+            )
+        reserved = RESERVED_OPTIONS & {f.name for f in dataclasses.fields(cls.Options)}
+        if reserved:
+            raise HandlerDefinitionError(
+                f"{where}.Options may not define {sorted(reserved)}: plan entries use these keys"
+            )
 
     def __init__(self, job_config: Any = None, parallel_dims: Any = None, **options: Any) -> None:
         self.job_config = job_config

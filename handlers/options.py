@@ -1,9 +1,22 @@
-"""Typed handler options: a dataclass per handler, validated from plain config values."""
+"""Typed handler options: a dataclass per handler, validated from plain config values.
+
+Each option is documented by a string literal right under its field (the convention of
+torchtitan's converter configs); :func:`option_docs` reads those strings back with ``ast``
+for ``torchgraft list``::
+
+    @dataclasses.dataclass(kw_only=True)
+    class Options:
+        recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+        '''How scales are computed.'''
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -87,3 +100,54 @@ def build_options(options_cls: type, values: Mapping[str, Any], *, handler: str)
         except ValueError as exc:
             raise OptionError(f"handler '{handler}': {exc}", handler=handler, option=None) from exc
     return instance
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionDoc:
+    """One documented option of a handler, as ``torchgraft list`` shows it."""
+
+    name: str
+    type: str
+    default: str
+    doc: str
+
+
+def option_docs(options_cls: type) -> list[OptionDoc]:
+    """Name, type, default and docstring of each field of an ``Options`` dataclass."""
+    hints = typing.get_type_hints(options_cls)
+    docs: dict[str, str] = {}
+    for klass in reversed(options_cls.__mro__):  # a subclass's docs override its base's
+        if dataclasses.is_dataclass(klass):
+            docs.update(_field_docstrings(klass))
+    out = []
+    for field in dataclasses.fields(options_cls):
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "(required)"
+        out.append(
+            OptionDoc(field.name, type_name(hints[field.name]), default, docs.get(field.name, ""))
+        )
+    return out
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """Field name → the string literal statement that follows its declaration."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # defined in a REPL or a string: no docs to show
+        return {}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for stmt, following in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(following.value.value)
+    return docs

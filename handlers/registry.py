@@ -1,9 +1,19 @@
 """Handler registry: the ``register_handler`` decorator and the ``torchgraft.handlers``
-entry-point group, through which an installed package adds handlers."""
+entry-point group, through which an installed package adds handlers.
+
+A package registers its handlers by declaring them in its ``pyproject.toml``::
+
+    [project.entry-points."torchgraft.handlers"]
+    my_conversion = "my_package.handlers:MyConversion"
+
+Entry points are loaded lazily, the first time the registry is read. One that fails to
+load does not break the others: asking for its name raises with the load error.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -16,15 +26,21 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "torchgraft.handlers"
 
 _REGISTRY: dict[str, type[Handler]] = {}
+_ENTRY_POINT_ERRORS: dict[str, str] = {}
 _entry_points_loaded = False
 
 
 class UnknownHandlerError(TorchgraftError):
-    """No handler is registered under a name."""
+    """No handler is registered under a name (or its entry point failed to load)."""
 
-    def __init__(self, name: str, suggestion: str | None) -> None:
-        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
-        super().__init__(f"unknown handler {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})")
+    def __init__(self, name: str, suggestion: str | None, load_error: str | None = None) -> None:
+        if load_error is not None:
+            message = f"handler {name!r} is declared by an installed package but {load_error}"
+        else:
+            hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+            known = ", ".join(sorted(_REGISTRY)) or "none"
+            message = f"unknown handler {name!r}{hint} (known: {known})"
+        super().__init__(message)
         self.name = name
         self.suggestion = suggestion
 
@@ -46,14 +62,37 @@ def register_handler(name: str) -> Callable[[type[Handler]], type[Handler]]:
 
 
 def _load_entry_points() -> None:
+    from torchgraft.handlers.base import Handler
+
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        cls = entry.load()
-        if entry.name not in _REGISTRY:
+        if entry.name in _REGISTRY:
+            continue
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a broken plugin must not break every other handler
+            _ENTRY_POINT_ERRORS[entry.name] = (
+                f"its entry point {entry.value!r} failed to load: {type(exc).__name__}: {exc}"
+            )
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Handler)):
+            _ENTRY_POINT_ERRORS[entry.name] = (
+                f"its entry point {entry.value!r} is {cls!r}, not a torchgraft.Handler subclass"
+            )
+            continue
+        if entry.name not in _REGISTRY:  # loading may have registered it by decorator
             register_handler(entry.name)(cls)
+
+
+def reload_entry_points() -> None:
+    """Forget which entry points were loaded, so packages installed since are seen."""
+    global _entry_points_loaded
+    importlib.invalidate_caches()
+    _entry_points_loaded = False
+    _ENTRY_POINT_ERRORS.clear()
 
 
 def registered() -> dict[str, type[Handler]]:
@@ -63,13 +102,18 @@ def registered() -> dict[str, type[Handler]]:
     return dict(_REGISTRY)
 
 
+def entry_point_errors() -> dict[str, str]:
+    """Entry-point name → why it failed to load (after :func:`registered` has run)."""
+    return dict(_ENTRY_POINT_ERRORS)
+
+
 def get_handler(name: str) -> type[Handler]:
     """The handler class registered as ``name``; raises with a did-you-mean otherwise."""
     handlers = registered()
     if name in handlers:
         return handlers[name]
     close = difflib.get_close_matches(name, handlers, n=1)
-    raise UnknownHandlerError(name, close[0] if close else None)
+    raise UnknownHandlerError(name, close[0] if close else None, _ENTRY_POINT_ERRORS.get(name))
 
 
 def _load_builtins() -> None:

@@ -1,73 +1,181 @@
-"""The pass manager: turns handler specs into handlers and applies them as one transaction."""
+"""The pass manager: orders a plan of handlers, checks it, and applies it as one transaction."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+import torch
 from torch import fx
 
 from torchgraft.handlers.base import Handler
-from torchgraft.handlers.registry import get_handler
-from torchgraft.ir.errors import TorchgraftError
+from torchgraft.handlers.options import OptionError
+from torchgraft.ir.errors import RewriteError
+from torchgraft.ir.pattern import target_name
 from torchgraft.ir.rewriter import GraphEditor, RuleApplier
-from torchgraft.passes.report import Report
+from torchgraft.passes.checks import (
+    ClobberCheck,
+    NoMatchCheck,
+    Observer,
+    OrderCheck,
+    find_overlaps,
+)
+from torchgraft.passes.ordering import order_plan
+from torchgraft.passes.plan import HandlerEntry, HandlerSpec, build_plan, instantiate
+from torchgraft.passes.problems import CheckError, Problem, error_problem
+from torchgraft.passes.report import CheckResult, Report
+from torchgraft.passes.verify import Verifier, snapshot
 
-HandlerSpec = str | Mapping[str, Mapping[str, Any]] | Handler | type[Handler]
-"""A handler name, ``{name: {option: value}}``, a handler instance or a handler class."""
-
-
-def instantiate(spec: HandlerSpec) -> Handler:
-    """Build a handler from a spec; names are looked up in the registry."""
-    if isinstance(spec, Handler):
-        return spec
-    if isinstance(spec, type) and issubclass(spec, Handler):
-        return spec()
-    if isinstance(spec, str):
-        return get_handler(spec)()
-    if isinstance(spec, Mapping) and len(spec) == 1:
-        ((name, options),) = spec.items()
-        return get_handler(name)(**dict(options or {}))
-    raise TorchgraftError(
-        f"a handler is given as a name, {{name: {{options}}}}, a Handler or a Handler class; got {spec!r}"
-    )
+__all__ = ["HandlerSpec", "PassManager", "instantiate", "op_histogram"]
 
 
 class PassManager:
-    """Applies an ordered plan of handlers to a captured graph, all or nothing.
+    """Orders a plan of handlers, checks it, and applies it to a captured graph.
 
-    Example::
+    The plan is a list of handler names, ``{name: {option: value}}`` (the reserved key
+    ``optional: true`` allows the handler to match nothing), handler instances or classes.
+    The run order follows the handlers' ``requires`` / ``after`` / ``before``
+    declarations, ties kept in the plan's order. Example::
 
         gm = tg.capture(model, (tokens,))
-        report = tg.PassManager(["float8", {"flex_attention": {"mask": "causal"}}]).run(gm)
-        report.matches            # {"float8": 13, "flex_attention": 2}
+        pm = tg.PassManager(["flex_attention", {"float8": {"skip_fqns": ["output"]}}])
+        problems = pm.check(gm)       # every check, on a copy: gm is not changed
+        report = pm.run(gm)           # rewrites gm in place, all or nothing
+        report.matches                # {"flex_attention": 2, "float8": 14}
+
+    ``verify=True`` makes :meth:`run` measure outputs and gradients after each handler on
+    ``inputs`` (default: random inputs shaped like the graph's placeholders) and refuse
+    (:class:`CheckError`, graph unchanged) if a handler's SQNR is below its tolerance.
     """
 
-    def __init__(self, handlers: Sequence[HandlerSpec]) -> None:
-        if isinstance(handlers, (str, Mapping, Handler)):
+    def __init__(
+        self,
+        handlers: Sequence[HandlerSpec] | HandlerSpec,
+        *,
+        verify: bool = False,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        if isinstance(handlers, (str, Mapping, Handler, HandlerEntry, type)):
             handlers = [handlers]
-        self.handlers: list[Handler] = [instantiate(spec) for spec in handlers]
+        steps, problems = build_plan(handlers)
+        self.ordering = order_plan(steps)
+        self.steps = self.ordering.steps
+        self.problems: list[Problem] = problems + self.ordering.problems
+        """What is wrong with the plan itself: :meth:`run` refuses to run while non-empty."""
+        self.verify = verify
+        self.inputs = inputs
+
+    @property
+    def handlers(self) -> list[Handler]:
+        """The built handlers, in run order."""
+        return [step.handler for step in self.steps]
+
+    @property
+    def order(self) -> list[str]:
+        """Handler names in run order."""
+        return self.ordering.names
 
     def run(self, gm: fx.GraphModule) -> Report:
-        """Rewrite ``gm`` in place; if any rule raises, ``gm`` is left exactly as it was."""
+        """Rewrite ``gm`` in place; if anything raises, ``gm`` is left exactly as it was.
+
+        Raises :class:`CheckError` before touching ``gm`` if the plan has problems
+        (``pm.problems``), and after a failed verification when ``verify=True``.
+        ``no_match`` and ``clobber`` problems do not stop the run: they are in
+        ``report.problems`` (use :meth:`check` to treat them as errors).
+        """
+        if self.problems:
+            raise CheckError(self.problems)
+        checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
+        verifier = Verifier(gm, self.inputs) if self.verify else None
+        if verifier is not None and verifier.problems:
+            raise CheckError(verifier.problems)
+        report = self._apply(gm, checks, verifier=verifier, gate=True)
+        report.problems = [p for check in checks for p in check.problems]
+        report.seconds["recompile"] = _timed(gm.recompile)
+        return report
+
+    def check(
+        self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | None = None
+    ) -> list[Problem]:
+        """Every problem of this plan on ``gm``; ``gm`` is not changed. See :meth:`dry_run`."""
+        return self.dry_run(gm, inputs).problems
+
+    def dry_run(
+        self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | None = None
+    ) -> CheckResult:
+        """Run every check on a copy of ``gm`` (sharing its parameters) and say what the plan
+        would do: order, matches per handler and rule, the op histogram after the run, and
+        the problems (see :data:`~torchgraft.passes.problems.ProblemKind`), numerics
+        verified on ``inputs`` (default: the manager's, else random ones).
+
+        Plan problems (unknown handler, bad option, duplicate, missing requirement, cycle)
+        are returned alone: such a plan cannot run.
+        """
+        if self.problems:
+            return CheckResult(self.order, list(self.problems))
+        work = snapshot(gm)
+        checks: list[Observer] = [
+            OrderCheck(self.ordering),
+            ClobberCheck(self.ordering),
+            NoMatchCheck(),
+        ]
+        verifier = Verifier(work, inputs if inputs is not None else self.inputs)
+        try:
+            report = self._apply(work, checks, verifier=verifier)
+        except (RewriteError, OptionError) as exc:  # the plan fails on this graph
+            return CheckResult(self.order, [error_problem(exc)])
+        problems = find_overlaps(gm.graph, self.ordering)
+        problems += [p for check in checks for p in check.problems] + verifier.problems
+        return CheckResult(self.order, problems, report, op_histogram(work.graph))
+
+    def _apply(
+        self,
+        gm: fx.GraphModule,
+        checks: list[Observer],
+        *,
+        verifier: Verifier | None = None,
+        gate: bool = False,
+    ) -> Report:
+        """Apply the plan in one transaction, calling the observers after each handler.
+        Roll back if anything raises, or if ``gate`` and the verifier found a problem."""
+        observers = [*checks, verifier] if verifier is not None else checks
         editor = GraphEditor(gm.graph)
         applier = RuleApplier(editor)
-        report = Report(order=[h.display_name for h in self.handlers])
+        report = Report(order=self.order)
         try:
-            for handler in self.handlers:
+            for step in self.steps:
                 start = time.perf_counter()
-                counts = report.rule_matches.setdefault(handler.display_name, {})
-                for rule in handler.rules():
-                    records = applier.apply(rule, handler, handler.display_name)
-                    counts[rule.name] = counts.get(rule.name, 0) + len(records)
-                    report.records.extend(records)
-                report.seconds[handler.display_name] = time.perf_counter() - start
+                counts = report.rule_matches.setdefault(step.name, {})
+                records = []
+                for rule in step.handler.rules():
+                    applied = applier.apply(rule, step.handler, step.name)
+                    counts[rule.name] = counts.get(rule.name, 0) + len(applied)
+                    records.extend(applied)
+                report.seconds[step.name] = time.perf_counter() - start
+                report.records.extend(records)
+                for observer in observers:
+                    observer.after_handler(step, records, editor)
+            if gate and verifier is not None and verifier.problems:
+                raise CheckError(verifier.problems)
             editor.commit()
         except BaseException:
             editor.rollback()
             raise
-        start = time.perf_counter()
-        gm.recompile()
-        report.seconds["recompile"] = time.perf_counter() - start
+        if verifier is not None:
+            report.sqnr = verifier.results
         return report
+
+
+def op_histogram(graph: fx.Graph) -> dict[str, int]:
+    """Op name → number of nodes calling it, sorted by name."""
+    counts = Counter(
+        target_name(n) for n in graph.nodes if n.op in ("call_function", "call_method")
+    )
+    return dict(sorted(counts.items()))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -1,10 +1,13 @@
-"""The result of running a plan: matches per handler and rule, what each match did, timings."""
+"""Results: what a run did (:class:`Report`) and what a check found (:class:`CheckResult`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from torchgraft.ir.rewriter import MatchRecord
+from torchgraft.passes.problems import Problem, format_problems
+from torchgraft.passes.verify import HandlerSqnr
 
 
 @dataclasses.dataclass
@@ -19,6 +22,10 @@ class Report:
     """One record per rewritten match, in application order."""
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Handler → seconds spent matching and rewriting (``"recompile"`` for the final one)."""
+    sqnr: dict[str, HandlerSqnr] = dataclasses.field(default_factory=dict)
+    """Handler → SQNR measured after it, when the run was verified."""
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    """Problems that did not stop the run: ``no_match`` and ``clobber``."""
 
     @property
     def matches(self) -> dict[str, int]:
@@ -26,18 +33,74 @@ class Report:
         return {name: sum(self.rule_matches.get(name, {}).values()) for name in self.order}
 
     def __str__(self) -> str:
-        rows = [("handler", "rule", "matches", "ms")]
+        header = ["handler", "rule", "matches", "ms"]
+        if self.sqnr:
+            header += ["SQNR dB", "total dB", "tolerance"]
+        rows = [header]
         for name in self.order:
             rules = self.rule_matches.get(name, {})
-            rows.append(
-                (name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}")
+            row = [name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}"]
+            if self.sqnr:
+                s = self.sqnr.get(name)
+                row += [_db(s.step_db), _db(s.total_db), _db(s.tolerance_db)] if s else ["", "", ""]
+            rows.append(row)
+            rows.extend(
+                ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
             )
-            rows.extend(("", rule, str(count), "") for rule, count in rules.items())
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join(
-            "  ".join(
-                cell.ljust(w) if i < 2 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths))
-            )
-            for row in rows
-        )
+        text = table(rows)
+        if self.problems:
+            text += "\n" + format_problems(self.problems)
+        return text
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """What :meth:`PassManager.dry_run` found; :meth:`PassManager.check` returns ``problems``."""
+
+    order: list[str]
+    """The plan's handler names in run order."""
+    problems: list[Problem]
+    report: Report | None = None
+    """The dry run's report; None when plan problems kept the plan from running."""
+    ops: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Op histogram of the graph after the dry run (op name → count)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def matches(self) -> dict[str, int]:
+        return self.report.matches if self.report else {}
+
+    def to_json(self) -> dict:
+        """The ``torchgraft check --json`` document."""
+        return {
+            "ok": self.ok,
+            "order": self.order,
+            "matches": self.matches,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"order: {' -> '.join(self.order) or '(empty plan)'}"]
+        if self.report is not None:
+            lines += ["", str(dataclasses.replace(self.report, problems=[]))]
+        lines += ["", format_problems(self.problems)]
+        return "\n".join(lines)
+
+
+def table(rows: list[list[str]]) -> str:
+    """Left-aligned text columns (the first two), right-aligned numbers (the rest)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    )
+
+
+def _db(value: float) -> str:
+    return "exact" if math.isinf(value) and value > 0 else f"{value:.1f}"

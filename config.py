@@ -1,0 +1,459 @@
+"""Run configs: one YAML file names the model, how to capture it and the handler plan.
+
+Schema (every key but ``model`` is optional; unknown keys and wrong types are errors that
+give ``file:line:column``)::
+
+    imports: [my_project.handlers]      # modules imported first, so their handlers register
+    model:
+      factory: "torchgraft.models:build_llama"   # "module:callable" returning an nn.Module
+      kwargs: {preset: tiny}                     # keyword arguments of the factory
+      inputs:                                    # one example input per forward argument
+        - {shape: [2, 32], dtype: int64, high: 256}   # integers in [0, high)
+    capture: {method: export, strict: false}     # or method: symbolic_trace
+    handlers:                                    # the plan, in order
+      - fuse_rms_norm                            # a name
+      - float8: {recipe: rowwise}                # {name: {option: value}}
+      - flex_attention: {optional: true}         # reserved key: may match nothing
+    verify: true                                 # torchgraft run verifies numerics
+    parallel: {tp: 1, fsdp: false, plan: {}}
+    compile: {enabled: false}
+    train: {steps: 100, batch_size: 8, seq_len: 128, lr: 3.0e-4, compare_baseline: false}
+    output: {dir: runs}
+
+The file is read with PyYAML's safe loader: no tag can construct a Python object. A config
+runs code only by importing the modules listed in ``imports`` and ``model.factory`` and by
+calling that factory; both are imported with the config's directory and the working
+directory on ``sys.path``. Handler options are checked by the handlers themselves: a bad
+one is a ``bad_option`` problem of the plan (quoting its config line), not a config error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib
+import sys
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from torch import fx, nn
+
+from torchgraft.handlers.options import conforms, type_name
+from torchgraft.ir.capture import capture
+from torchgraft.ir.errors import TorchgraftError
+from torchgraft.passes import CheckResult, HandlerEntry, PassManager
+from torchgraft.train.config import TrainConfig
+
+
+class ConfigError(TorchgraftError):
+    """A config cannot be read, validated or acted on; the message starts with its location."""
+
+    def __init__(self, message: str, location: str | None = None) -> None:
+        super().__init__(f"{location}: {message}" if location else message)
+        self.location = location
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """One example input of the model's forward, made of random values."""
+
+    shape: tuple[int, ...]
+    """Tensor shape, e.g. ``[2, 32]``."""
+    dtype: str = "float32"
+    """A torch dtype name: ``float32``, ``bfloat16``, ``int64`` ..."""
+    high: int | None = None
+    """Integer inputs are uniform in ``[0, high)`` (e.g. the vocabulary size); required for them."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {self.dtype!r}; use e.g. float32, bfloat16, int64")
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"shape {list(self.shape)} has a negative dimension")
+        integer = not (self.torch_dtype.is_floating_point or self.torch_dtype == torch.bool)
+        if integer and (self.high is None or self.high < 1):
+            raise ValueError(f"{self.dtype} inputs need high >= 1 (values are drawn in [0, high))")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def make(self, generator: torch.Generator) -> torch.Tensor:
+        """A random tensor of this spec."""
+        if self.torch_dtype.is_floating_point:
+            return torch.randn(self.shape, generator=generator, dtype=self.torch_dtype)
+        if self.torch_dtype == torch.bool:
+            return torch.randint(0, 2, self.shape, generator=generator).bool()
+        return torch.randint(0, self.high, self.shape, generator=generator, dtype=self.torch_dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which model to build and what to call it with."""
+
+    factory: str
+    """``"module:callable"`` returning the ``nn.Module``, e.g. ``"torchgraft.models:build_llama"``."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments of the factory."""
+    inputs: tuple[InputSpec, ...] = ()
+    """One example input per positional argument of the model's forward."""
+
+    def __post_init__(self) -> None:
+        module, _, attribute = self.factory.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"factory must be 'module:callable', got {self.factory!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CaptureConfig:
+    """Arguments of :func:`torchgraft.capture`."""
+
+    method: Literal["export", "symbolic_trace"] = "export"
+    """``export`` (ATen training IR) or ``symbolic_trace`` (torch-level graph)."""
+    strict: bool = False
+    """Strict-mode ``torch.export``."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Tensor parallelism and FSDP2, applied after the handlers (ranks from ``torchrun``)."""
+
+    tp: int = 1
+    """Tensor-parallel degree; 1 disables tensor parallelism."""
+    fsdp: bool = False
+    """Shard parameters with FSDP2 (``fully_shard``) over the data-parallel ranks."""
+    plan: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Parameter FQN glob → tensor-parallel style (e.g. ``"layers.*.attention.wq": colwise``)."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    """``torch.compile`` of the rewritten model."""
+
+    enabled: bool = False
+    """Compile the rewritten graph module before training."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection(TrainConfig):
+    """The ``train`` section: every :class:`torchgraft.train.TrainConfig` field, plus
+    ``compare_baseline``."""
+
+    compare_baseline: bool = False
+    """Also train the unconverted model with the same seed and data, and compare losses."""
+
+    def to_train_config(self) -> TrainConfig:
+        """The :class:`~torchgraft.train.TrainConfig` of this section."""
+        names = [f.name for f in dataclasses.fields(TrainConfig)]
+        return TrainConfig(**{name: getattr(self, name) for name in names})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """Where a run writes its artifacts."""
+
+    dir: str = "runs"
+    """Output directory (relative paths are relative to the working directory)."""
+
+
+_INTERNAL = {"internal": True}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """A validated run config. Read one with :func:`load_config`."""
+
+    imports: tuple[str, ...] = ()
+    """Modules to import before anything else, so the handlers they define register."""
+    model: ModelConfig
+    capture: CaptureConfig = CaptureConfig()
+    handlers: tuple[HandlerEntry, ...] = ()
+    """The plan: a handler name or ``{name: {option: value, optional: bool}}`` per item."""
+    verify: bool = True
+    """Whether ``torchgraft run`` verifies numerics (``torchgraft check`` always does)."""
+    parallel: ParallelConfig = ParallelConfig()
+    compile: CompileConfig = CompileConfig()
+    train: TrainSection = TrainSection()
+    output: OutputConfig = OutputConfig()
+    path: Path | None = dataclasses.field(default=None, metadata=_INTERNAL)
+    """The file the config was read from."""
+    locations: Mapping[str, str] = dataclasses.field(default_factory=dict, metadata=_INTERNAL)
+    """Key path (``model.factory``, ``imports[0]``) → ``file:line:col`` where it was written."""
+
+    def import_modules(self) -> None:
+        """Import the modules of ``imports``; a failure is a :class:`ConfigError`."""
+        for i, module in enumerate(self.imports):
+            self._import(module, f"imports[{i}]")
+
+    def build_model(self) -> nn.Module:
+        """Call ``model.factory`` with ``model.kwargs``."""
+        module_name, _, attribute = self.model.factory.partition(":")
+        where = self.locations.get("model.factory")
+        target: Any = self._import(module_name, "model.factory")
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise ConfigError(
+                    f"model.factory: {module_name} has no attribute {attribute!r}", where
+                )
+            target = getattr(target, part)
+        if not callable(target):
+            raise ConfigError(f"model.factory: {self.model.factory} is not callable", where)
+        try:
+            model = target(**self.model.kwargs)
+        except Exception as exc:  # the user's factory, called with the user's kwargs
+            raise ConfigError(
+                f"model.factory: {self.model.factory}(**{self.model.kwargs!r}) raised "
+                f"{type(exc).__name__}: {exc}",
+                where,
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model.factory: {self.model.factory} returned {type(model).__name__}, not an nn.Module",
+                where,
+            )
+        return model
+
+    def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random tensors following ``model.inputs``."""
+        if not self.model.inputs:
+            raise ConfigError(
+                "model.inputs is empty: give one {shape, dtype, high} per forward argument",
+                self.locations.get("model"),
+            )
+        generator = torch.Generator().manual_seed(seed)
+        return tuple(spec.make(generator) for spec in self.model.inputs)
+
+    def capture_model(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+        """:func:`torchgraft.capture` as the ``capture`` section says."""
+        return capture(model, tuple(inputs), method=self.capture.method, strict=self.capture.strict)
+
+    def pass_manager(self, inputs: Sequence[torch.Tensor] | None = None) -> PassManager:
+        """The :class:`PassManager` of the plan (verifying when ``verify`` is set)."""
+        return PassManager(list(self.handlers), verify=self.verify, inputs=inputs)
+
+    def check(self) -> CheckResult:
+        """What ``torchgraft check`` does: import, build the model, and unless the plan
+        itself has problems, capture and dry-run every check (numerics always verified)."""
+        self.import_modules()
+        model = self.build_model()
+        pm = self.pass_manager()
+        if pm.problems:
+            return CheckResult(pm.order, list(pm.problems))
+        inputs = self.example_inputs()
+        return pm.dry_run(self.capture_model(model, inputs), inputs)
+
+    def _import(self, module: str, key: str) -> types.ModuleType:
+        with self._search_path():
+            try:
+                return importlib.import_module(module)
+            except Exception as exc:  # ImportError, or anything the module raises on import
+                raise ConfigError(
+                    f"{key}: cannot import {module!r}: {type(exc).__name__}: {exc}",
+                    self.locations.get(key),
+                ) from exc
+
+    @contextlib.contextmanager
+    def _search_path(self) -> Iterator[None]:
+        extra = [str(Path.cwd())]
+        if self.path is not None:
+            extra.insert(0, str(self.path.resolve().parent))
+        added = [p for p in extra if p not in sys.path]
+        sys.path[:0] = added
+        try:
+            yield
+        finally:
+            for p in added:
+                sys.path.remove(p)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML run config; raises :class:`ConfigError` with the location."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str | Path = "<config>") -> Config:
+    """Validate the YAML ``text`` of a run config read from ``path``."""
+    return _Reader(text, Path(path)).config()
+
+
+class _Reader:
+    """Turns the composed YAML node tree into the config dataclasses, checking each value
+    against the field's type and remembering where it was written."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        self.loader = yaml.SafeLoader(text)
+        self.path = path
+        self.locations: dict[str, str] = {}
+
+    def where(self, node: yaml.Node) -> str:
+        mark = node.start_mark
+        return f"{self.path}:{mark.line + 1}:{mark.column + 1}"
+
+    def error(self, node: yaml.Node, message: str) -> ConfigError:
+        return ConfigError(message, self.where(node))
+
+    def config(self) -> Config:
+        try:
+            root = self.loader.get_single_node()
+            if root is None:
+                raise ConfigError(
+                    "the config is empty; it needs at least a model section", str(self.path)
+                )
+            return self.instance(root, Config, "", path=self.path, locations=self.locations)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            location = f"{self.path}:{mark.line + 1}:{mark.column + 1}" if mark else str(self.path)
+            context = f" ({exc.context})" if exc.context else ""
+            raise ConfigError(f"invalid YAML: {exc.problem}{context}", location) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid YAML: {exc}", str(self.path)) from None
+        finally:
+            self.loader.dispose()
+
+    def read(self, node: yaml.Node, tp: Any, key: str) -> Any:
+        self.locations[key] = self.where(node)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is Any:
+            return self.loader.construct_object(node, deep=True)
+        if tp is HandlerEntry:
+            return self.handler(node, key)
+        if dataclasses.is_dataclass(tp):
+            return self.instance(node, tp, key)
+        if origin in (typing.Union, types.UnionType):
+            return self.union(node, tp, args, key)
+        if origin in (list, tuple, Sequence):
+            return self.sequence(node, tp, args, key)
+        if origin in (dict, Mapping):
+            if not isinstance(node, yaml.MappingNode):
+                raise self.error(node, f"{key}: expected a mapping, got {_kind(node)}")
+            return {
+                self.read(k, args[0], f"{key}.{k.value}"): self.read(v, args[1], f"{key}.{k.value}")
+                for k, v in node.value
+            }
+        if not isinstance(node, yaml.ScalarNode) or not conforms(
+            value := self.loader.construct_object(node), tp
+        ):
+            raise self.error(
+                node, f"{key}: expected {type_name(tp)}, got {_shown(self.loader, node)}"
+            )
+        return float(value) if tp is float else value
+
+    def instance(self, node: yaml.Node, cls: type, key: str, **extra: Any) -> Any:
+        """Dataclass ``cls`` from mapping ``node`` (plus ``extra`` non-YAML fields)."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        section = key or "the config"
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(
+                node,
+                f"{section}: expected a mapping with keys {', '.join(fields)}, got {_kind(node)}",
+            )
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value
+            if name not in fields:
+                close = difflib.get_close_matches(str(name), fields, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise self.error(
+                    key_node,
+                    f"unknown key {name!r} in {section}{hint} (known keys: {', '.join(fields)})",
+                )
+            if name in values:
+                raise self.error(key_node, f"key {name!r} appears twice in {section}")
+            values[name] = self.read(value_node, hints[name], f"{key}.{name}".lstrip("."))
+        missing = [
+            name
+            for name, f in fields.items()
+            if name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise self.error(node, f"{section}: missing required key {missing[0]!r}")
+        try:  # the dataclass's own validation, reported at its node
+            return cls(**values, **extra)
+        except (ValueError, TypeError) as exc:
+            raise self.error(node, f"{section}: {exc}") from None
+
+    def union(self, node: yaml.Node, tp: Any, args: tuple, key: str) -> Any:
+        if type(None) in args and _is_null(node):
+            return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # an optional value: its own error is the clearest
+            return self.read(node, alternatives[0], key)
+        for alternative in alternatives:
+            try:
+                return self.read(node, alternative, key)
+            except ConfigError:
+                continue
+        raise self.error(node, f"{key}: expected {type_name(tp)}, got {_shown(self.loader, node)}")
+
+    def sequence(self, node: yaml.Node, tp: Any, args: tuple, key: str) -> Any:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, f"{key}: expected a list, got {_shown(self.loader, node)}")
+        items = node.value
+        if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise self.error(node, f"{key}: expected {len(args)} items, got {len(items)}")
+            return tuple(
+                self.read(n, a, f"{key}[{i}]") for i, (n, a) in enumerate(zip(items, args))
+            )
+        item = args[0] if args else Any
+        values = [self.read(n, item, f"{key}[{i}]") for i, n in enumerate(items)]
+        return tuple(values) if typing.get_origin(tp) is tuple else values
+
+    def handler(self, node: yaml.Node, key: str) -> HandlerEntry:
+        """A plan item: ``name`` or ``{name: {option: value}}`` (``optional`` reserved)."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            return HandlerEntry(node.value, source=self.where(node))
+        if not (isinstance(node, yaml.MappingNode) and len(node.value) == 1):
+            raise self.error(
+                node,
+                f"{key}: a handler is a name or {{name: {{option: value}}}}, got {_shown(self.loader, node)}",
+            )
+        ((name_node, options_node),) = node.value
+        if _is_null(options_node):
+            return HandlerEntry(name_node.value, source=self.where(name_node))
+        if not isinstance(options_node, yaml.MappingNode):
+            raise self.error(
+                options_node, f"{key}: the options of handler {name_node.value!r} must be a mapping"
+            )
+        options, sources, optional = {}, {}, False
+        for option_node, value_node in options_node.value:
+            option = option_node.value
+            if option == "optional":
+                optional = self.read(value_node, bool, f"{key}.{name_node.value}.optional")
+                continue
+            options[option] = self.loader.construct_object(value_node, deep=True)
+            sources[option] = self.where(option_node)
+        return HandlerEntry(name_node.value, options, optional, self.where(name_node), sources)
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a value")
+
+
+def _shown(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        return repr(loader.construct_object(node))
+    return _kind(node)

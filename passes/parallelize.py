@@ -1,0 +1,118 @@
+"""The parallelize stage: tensor parallelism and FSDP2 on a converted graph, ranks from
+``torchrun``.
+
+Example (on each rank, launched with ``torchrun --nproc_per_node 2 train.py``)::
+
+    gm = tg.capture(build_llama("tiny", with_loss=True), (tokens, labels))
+    tg.PassManager(["float8"]).run(gm)
+    gm = parallelize(gm, {"tp": 2})          # default plan: LLAMA_PLAN
+    loss = gm(tokens, labels)                # same global batch and loss on every rank
+    loss.backward()
+
+The result takes and returns what the single-process graph does (see
+:mod:`torchgraft.passes.graph_io`), so it trains with :func:`torchgraft.train.train`
+unchanged. Order: tensor parallelism (:mod:`~torchgraft.passes.tensor_parallel`), then the
+input/output conversions, then FSDP2 (:mod:`~torchgraft.passes.fsdp`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import fx
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from torchgraft.ir.errors import TorchgraftError
+from torchgraft.passes.fsdp import apply_fsdp
+from torchgraft.passes.graph_io import convert_inputs_outputs
+from torchgraft.passes.tensor_parallel import LLAMA_PLAN, apply_tensor_parallel
+
+__all__ = ["ParallelSpec", "build_mesh", "init_distributed", "parallelize"]
+
+
+class ParallelSpec(Protocol):
+    """The ``parallel`` section of a run config (:class:`torchgraft.config.ParallelConfig`).
+
+    ``tp``: tensor-parallel degree (1: none). ``fsdp``: ``False``, ``True`` (every rank not
+    used by ``tp`` is a data-parallel rank) or the data-parallel degree. ``plan``: module FQN
+    glob → ``"colwise"`` | ``"rowwise"`` | ``"replicate"``; empty means
+    :data:`~torchgraft.passes.tensor_parallel.LLAMA_PLAN`. An optional
+    ``sequence_parallel`` (default ``True``) keeps activations between the tensor-parallel
+    regions sharded along the tokens.
+    """
+
+    tp: int
+    fsdp: bool | int
+    plan: Mapping[str, str]
+
+
+def init_distributed(device_type: str = "cpu") -> None:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR`` ...), unless one exists: ``gloo`` on CPU, ``nccl`` on CUDA."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise TorchgraftError(
+            "parallelize needs a process group: launch with torchrun (RANK and WORLD_SIZE are "
+            "unset), e.g. torchrun --nproc_per_node 2 -m torchgraft run CONFIG"
+        )
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def build_mesh(tp: int, fsdp: bool | int, device_type: str = "cpu") -> DeviceMesh:
+    """The device mesh over all ranks: ``("tp",)``, ``("fsdp",)`` or ``("fsdp", "tp")``."""
+    world = dist.get_world_size()
+    dp = (world // tp if fsdp is True else int(fsdp)) if fsdp else 1
+    if tp < 1 or dp < 1 or tp * dp != world:
+        raise TorchgraftError(
+            f"parallel: tp={tp} x fsdp={dp} data-parallel ranks must use all {world} ranks"
+        )
+    if fsdp and tp > 1:
+        return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("fsdp", "tp"))
+    name = "fsdp" if fsdp else "tp"
+    return init_device_mesh(device_type, (world,), mesh_dim_names=(name,))
+
+
+def _option(config: ParallelSpec | Mapping[str, Any], key: str, default: Any) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def parallelize(
+    gm: fx.GraphModule,
+    config: ParallelSpec | Mapping[str, Any],
+    mesh: DeviceMesh | None = None,
+) -> fx.GraphModule:
+    """Apply tensor parallelism and/or FSDP2 to ``gm`` in place and return it.
+
+    ``config`` is a :class:`ParallelSpec` or a mapping with the same keys. Without ``mesh``,
+    the process group is joined (:func:`init_distributed`) and the mesh built from the config
+    (:func:`build_mesh`) on the device of ``gm``'s parameters. A given ``mesh`` decides by its
+    dim names: ``"tp"`` for tensor parallelism, ``"fsdp"`` for FSDP2 (e.g. a 2 x 1
+    ``("fsdp", "tp")`` mesh).
+
+    ``gm``'s parameters are replaced by DTensors (same FQNs); the model it was captured from
+    keeps its own.
+    """
+    if mesh is None:
+        device_type = next(gm.parameters()).device.type
+        init_distributed(device_type)
+        mesh = build_mesh(_option(config, "tp", 1), _option(config, "fsdp", False), device_type)
+    names = mesh.mesh_dim_names or ()
+    tp_mesh = mesh["tp"] if "tp" in names else None
+    dp_mesh = mesh["fsdp"] if "fsdp" in names else None
+    if tp_mesh is not None:
+        plan = dict(_option(config, "plan", None) or LLAMA_PLAN)
+        sequence_parallel = _option(config, "sequence_parallel", True)
+        apply_tensor_parallel(gm, tp_mesh, plan, sequence_parallel=sequence_parallel)
+    convert_inputs_outputs(gm, tp_mesh=tp_mesh, dp_mesh=dp_mesh)
+    if dp_mesh is not None:
+        apply_fsdp(gm, dp_mesh)
+    return gm
