@@ -2,7 +2,10 @@
 
 ::
 
-    torchgraft check CONFIG [--json] [--expect FILE | --write-expect FILE]
+    torchgraft run [CONFIG] [--steps N] [--out DIR] [--dump-ir DIR]
+    torchgraft check CONFIG [--json] [--expect FILE | --write-expect FILE] [--dump-ir DIR]
+    torchgraft viz CONFIG --out DIR [--fold-depth N] [--expand GLOB] [--dump-ir DIR]
+    torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node NAME]
     torchgraft list [--import MODULE ...]
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
@@ -29,6 +32,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import option_docs
@@ -88,6 +92,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
+# ------------------------------------------------------------------------------ run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+"""The config ``torchgraft run`` uses without an argument."""
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=str(DEFAULT_CONFIG),
+        help="YAML run config (default: the built-in debug Llama with float8 + flex_attention)",
+    )
+    parser.add_argument("--steps", type=_positive_int, help="override train.steps")
+    parser.add_argument("--out", metavar="DIR", help="override output.dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _dump_ir_argument(parser)
+
+
+@command("run", "capture, convert, verify and train a model; write metrics.json", _run_arguments)
+def run(args: argparse.Namespace) -> int:
+    from torchgraft.config import load_config
+    from torchgraft.passes.problems import CheckError
+    from torchgraft.train.job import METRICS_FILE, run_job
+
+    config = load_config(args.config)
+    try:
+        result = run_job(
+            config,
+            steps=args.steps,
+            out_dir=args.out,
+            dump_ir=args.dump_ir,
+            progress=False if args.no_progress else None,
+        )
+    except CheckError as exc:
+        print(f"torchgraft run: the plan has problems; nothing was trained\n{exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(result.report)
+    losses = result.train.losses
+    print(
+        f"trained {result.train.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        f"{result.train.tokens_per_s:,.0f} tokens/s"
+    )
+    if result.baseline is not None:
+        print(f"baseline (unconverted): loss -> {result.baseline.losses[-1]:.3f}")
+    print(f"wrote {result.out_dir / METRICS_FILE}")
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _dump_ir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dump-ir",
+        metavar="DIR",
+        help="write the graph's code after each handler (numbered) and a diff per step to DIR",
+    )
+
+
 # ---------------------------------------------------------------------------- check
 
 
@@ -101,6 +169,7 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     expect.add_argument(
         "--write-expect", metavar="FILE", help="write order, match counts and ops to FILE"
     )
+    _dump_ir_argument(parser)
 
 
 @command("check", "check a config's plan: order, conflicts, matches, numerics", _check_arguments)
@@ -111,6 +180,8 @@ def check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     expected = load_expectation(args.expect) if args.expect else None
     result = config.check()
+    if args.dump_ir:
+        _dump_ir(config, args.dump_ir)
     if expected is not None:
         result.problems += compare_expectation(expected, result, args.expect)
     if args.write_expect:
@@ -121,6 +192,57 @@ def check(args: argparse.Namespace) -> int:
         print(f"torchgraft check {args.config}\n{result}")
         print("OK" if result.ok else "FAILED")
     return EXIT_OK if result.ok else EXIT_PROBLEMS
+
+
+def _captured(config):
+    """Import, build and capture the config's model; returns the graph module."""
+    config.import_modules()
+    inputs = config.example_inputs()
+    return config.capture_model(config.build_model(), inputs)
+
+
+def _dump_ir(config, out_dir: str) -> None:
+    from torchgraft.tools.ir_dump import dump_ir
+
+    paths = dump_ir(_captured(config), list(config.handlers), out_dir)
+    print(f"wrote {len(paths)} IR dump files to {out_dir}")
+
+
+# ------------------------------------------------------------------------ viz / explain
+
+
+def _viz_arguments(parser: argparse.ArgumentParser) -> None:
+    from torchgraft.tools import visualize
+
+    parser.add_argument("config", help="YAML run config")
+    visualize.add_arguments(parser)
+
+
+@command("viz", "render the graph before and after the plan (SVG + one HTML page)", _viz_arguments)
+def viz(args: argparse.Namespace) -> int:
+    from torchgraft.config import load_config
+    from torchgraft.tools import visualize
+
+    config = load_config(args.config)
+    return visualize.main(args, _captured(config), list(config.handlers))
+
+
+def _explain_arguments(parser: argparse.ArgumentParser) -> None:
+    from torchgraft.tools import explain
+
+    parser.add_argument("config", help="YAML run config")
+    explain.add_arguments(parser)
+
+
+@command(
+    "explain", "say why a handler's rules do or do not match, node by node", _explain_arguments
+)
+def explain(args: argparse.Namespace) -> int:
+    from torchgraft.config import load_config
+    from torchgraft.tools import explain as explain_tool
+
+    config = load_config(args.config)
+    return explain_tool.main(args, _captured(config), list(config.handlers))
 
 
 # ----------------------------------------------------------------------------- list

@@ -1,0 +1,142 @@
+"""The main job behind ``torchgraft run``: capture, convert, verify, parallelize, compile,
+train, and write ``metrics.json`` (and ``loss.png`` against the unconverted baseline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from torchgraft.config import Config, ConfigError
+from torchgraft.passes.report import Report
+from torchgraft.train.config import TrainConfig
+from torchgraft.train.loop import TrainResult, train
+
+METRICS_FILE = "metrics.json"
+LOSS_PLOT_FILE = "loss.png"
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What :func:`run_job` did; ``metrics`` is what it wrote to ``metrics.json``."""
+
+    out_dir: Path
+    report: Report
+    train: TrainResult
+    baseline: TrainResult | None
+    metrics: dict[str, Any]
+
+
+def run_job(
+    config: Config,
+    *,
+    steps: int | None = None,
+    out_dir: str | Path | None = None,
+    dump_ir: str | Path | None = None,
+    progress: bool | None = None,
+) -> JobResult:
+    """Run ``config`` end to end. ``steps`` / ``out_dir`` override ``train.steps`` /
+    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory."""
+    train_config = _train_config(config, steps, progress)
+    out = Path(out_dir if out_dir is not None else config.output.dir)
+    config.import_modules()
+    inputs = config.example_inputs(seed=train_config.seed)
+    _check_input_shapes(config, inputs, train_config)
+    model = config.build_model()
+    gm = config.capture_model(model, inputs)
+    if dump_ir is not None:
+        from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
+
+        write_ir_dump(gm, list(config.handlers), dump_ir)
+    pm = config.pass_manager(inputs)
+    report = pm.run(gm)
+    runnable = _parallelize_and_compile(config, gm)
+    result = train(runnable, train_config, handlers=pm.handlers)
+    baseline = None
+    if config.train.compare_baseline:
+        baseline_gm = config.capture_model(config.build_model(), inputs)
+        baseline = train(_parallelize_and_compile(config, baseline_gm), train_config)
+    metrics = _metrics(config, report, result, baseline, train_config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if baseline is not None:
+        from torchgraft.train.plot import plot_losses
+
+        plot_losses(
+            {
+                "converted (" + " + ".join(report.order) + ")": result.losses,
+                "baseline": baseline.losses,
+            },
+            out / LOSS_PLOT_FILE,
+        )
+    return JobResult(out, report, result, baseline, metrics)
+
+
+def _train_config(config: Config, steps: int | None, progress: bool | None) -> TrainConfig:
+    train_config = config.train.to_train_config()
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides["steps"] = steps
+    if progress is not None:
+        overrides["progress"] = progress
+    return dataclasses.replace(train_config, **overrides) if overrides else train_config
+
+
+def _check_input_shapes(
+    config: Config, inputs: Sequence[torch.Tensor], train_config: TrainConfig
+) -> None:
+    """The exported graph has static shapes: the example inputs must be training batches."""
+    batch = [train_config.batch_size, train_config.seq_len]
+    wrong = [i for i, t in enumerate(inputs) if list(t.shape) != batch]
+    if len(inputs) != 2 or wrong:
+        raise ConfigError(
+            "model.inputs must be the training batch (tokens, labels), each of shape "
+            f"[train.batch_size, train.seq_len] = {batch}, because the captured graph has static "
+            f"shapes; got {[list(t.shape) for t in inputs]}",
+            config.locations.get("model.inputs") or config.locations.get("model"),
+        )
+
+
+def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:
+    module: nn.Module = gm
+    if config.parallel.tp > 1 or config.parallel.fsdp:
+        from torchgraft.passes.parallelize import parallelize
+
+        module = parallelize(gm, config.parallel)
+    if config.compile.enabled:
+        module = torch.compile(module)
+    return module
+
+
+def _metrics(
+    config: Config,
+    report: Report,
+    result: TrainResult,
+    baseline: TrainResult | None,
+    train_config: TrainConfig,
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "config": str(config.path) if config.path else None,
+        "steps": result.steps,
+        "losses": result.losses,
+        "handlers": [{"name": name, "matches": count} for name, count in report.matches.items()],
+        "tokens_per_s": result.tokens_per_s,
+        "skipped_steps": result.skipped_steps,
+        "wall_s": result.wall_s,
+        "batch_size": train_config.batch_size,
+        "seq_len": train_config.seq_len,
+        "compiled": config.compile.enabled,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if report.sqnr:
+        metrics["sqnr_db"] = [dataclasses.asdict(s) for s in report.sqnr.values()]
+    if baseline is not None:
+        metrics["baseline_losses"] = baseline.losses
+        metrics["baseline_tokens_per_s"] = baseline.tokens_per_s
+    return metrics
