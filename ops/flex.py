@@ -1,45 +1,49 @@
 """``torchgraft::flex_attention``: causal (optionally document-masked) attention through
 ``torch.nn.attention.flex_attention``.
 
-``flex_attention(q, k, v, doc_ids, scale, enable_gqa) -> (out, lse)`` computes
-``softmax(q kᵀ · scale + mask) v`` per head, where the mask allows key ``j`` for query ``i``
-when ``j <= i`` (causal, top-left aligned like ``scaled_dot_product_attention(is_causal=True)``)
+``flex_attention(q, k, v, doc_ids, scale=None, enable_gqa=False) -> out`` computes
+``softmax(q kᵀ · scale + mask) v`` per head, where the mask lets query ``i`` see key ``j``
+when ``j <= i`` (causal, top-left aligned as in ``scaled_dot_product_attention(is_causal=True)``)
 and, if ``doc_ids [B, L]`` is given, ``doc_ids[b, i] == doc_ids[b, j]`` (document masking:
-each packed document attends only to itself). ``q [B, H, L, E]``, ``k [B, Hkv, S, E]``,
-``v [B, Hkv, S, Ev]``; ``out [B, H, L, Ev]`` in ``q.dtype``; ``lse [B, H, L]`` is the float32
-natural-log logsumexp of each row's masked, scaled scores. ``enable_gqa`` lets ``H`` be a
-multiple of ``Hkv`` (query head ``h`` uses kv head ``h // (H // Hkv)``), as in SDPA.
+each packed document attends only to itself; needs ``L == S``). ``q [B, H, L, E]``,
+``k [B, Hkv, S, E]``, ``v [B, Hkv, S, Ev]`` → ``out [B, H, L, Ev]`` (contiguous, ``q.dtype``);
+``scale`` defaults to ``E ** -0.5``; ``enable_gqa`` lets ``H`` be a multiple of ``Hkv`` (query
+head ``h`` reads kv head ``h // (H // Hkv)``), all as in SDPA.
 
-Why a custom op, not ``flex_attention`` called in the graph (measured with torch 2.13 CPU):
+Design, from what torch 2.13 does on CPU:
 
-* ``flex_attention`` takes a ``BlockMask`` built from a Python ``mask_mod`` closure, which is
-  not a graph value: a replacement cannot create it, and the exported form of flex (a
-  higher-order op with sub-graph attributes) cannot be written as a rule's replacement.
-  As an op, the mask is described by tensors (``doc_ids``) and rebuilt inside the kernel.
-* FlexAttention has no backward on CPU, eager or compiled ("FlexAttention does not support
-  backward on CPU"). The autograd formula here is a second op,
-  ``torchgraft::flex_attention_backward``, that recomputes the probabilities from the saved
-  ``lse`` in blocks of query rows (FlashAttention-2 backward) with the same ``mask_mod``, so
-  it never holds more than ``[B, H, block, S]`` scores.
-* Custom ops with fake and autograd implementations survive ``torch.export`` and
-  ``torch.compile`` (the op is opaque to both) and can get a DTensor sharding rule (heads are
-  independent: shard ``q, k, v, out, lse`` on dim 1, replicate ``doc_ids``).
-
-The forward runs ``flex_attention`` eagerly: on CPU it materializes the ``[B, H, L, S]``
-scores (flex's unfused path; steady state ~130 ms for ``B=8, H=16, L=128, E=16`` against
-~17 ms for SDPA, measured on 2 cores). The causal ``BlockMask`` depends only on
-``(L, S, device)`` and is cached; the document one is built per call from ``doc_ids``.
+* **A custom op, not flex in the graph.** ``flex_attention`` takes a ``BlockMask`` built from
+  a Python ``mask_mod`` closure, which is not a graph value: a rule's replacement cannot
+  build one, and flex's exported form (a higher-order op with sub-graph attributes) cannot
+  be spliced by the rewriter. As an op, the mask is described by a tensor (``doc_ids``) and
+  rebuilt inside the kernel; the op has fake and autograd implementations, so it survives
+  ``torch.export`` and ``torch.compile`` (opaque to both), passes ``torch.library.opcheck``,
+  and can get a DTensor sharding rule (heads are independent: shard ``q, k, v, out`` and the
+  gradients on dim 1, replicate ``doc_ids``).
+* **Forward: compiled flex.** ``torch.compile(flex_attention)`` runs flex's fused CPU kernel
+  (scores never materialized). Eager flex is not used: it materializes the scores, is ~7x
+  slower than SDPA in steady state, and runs ``vmap`` under a ``torch.compile`` region, which
+  fails inside an op called under a Python dispatch mode (``opcheck``'s schema and
+  fake-tensor checks: "NYI: querying is_contiguous inside of vmap"). For the same reason the
+  ``BlockMask`` is built here without ``vmap`` (:func:`_block_mask`). Cost: one compile of a
+  few seconds per distinct (shape, strides, dtype, mask kind, scale), cached by inductor on
+  disk; shapes are static (``dynamic=False``: flex's dynamic-shape CPU kernel failed to build
+  for some shapes), so past ``torch._dynamo.config.recompile_limit`` shapes dynamo falls back
+  to eager flex. Inductor's CPU backend needs a C++ compiler.
+* **Backward: this module's formula.** Flex has no backward on CPU, eager or compiled
+  ("FlexAttention does not support backward on CPU"). ``torchgraft::flex_attention_backward``
+  recomputes the masked softmax in blocks of :data:`BACKWARD_BLOCK` query rows (only keys up
+  to the block's last row: every mask here is causal), with the same ``mask_mod``, in
+  float32, so it holds ``[B, H, BACKWARD_BLOCK, S]`` scores at a time.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 __all__ = [
@@ -53,7 +57,10 @@ __all__ = [
 aten = torch.ops.aten
 
 BACKWARD_BLOCK = 128
-"""Query rows per block in the backward: it holds ``[B, H, BACKWARD_BLOCK, S]`` scores."""
+"""Query rows per block of the backward, which holds ``[B, H, BACKWARD_BLOCK, S]`` scores."""
+
+_BLOCK_SIZE = 128
+"""Sparse block size of the ``BlockMask`` (flex's default)."""
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -92,17 +99,57 @@ def _mask_mod(doc_ids: torch.Tensor | None) -> MaskMod:
     return causal_mask if doc_ids is None else document_mask(doc_ids)
 
 
+def _block_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -> BlockMask:
+    """``create_block_mask(mask_mod, batch, None, q_len, kv_len)``, computed without ``vmap``.
+
+    ``create_block_mask`` evaluates ``mask_mod`` under ``torch.vmap``, which fails inside an
+    op running under a Python dispatch mode (``torch.library.opcheck``'s schema and fake
+    cross-checks: "NYI: querying is_contiguous inside of vmap"). The mask_mods here accept
+    broadcastable index tensors, so the dense ``[batch, 1, L, S]`` mask is one call; it is
+    reduced to 128 x 128 blocks (all-True blocks "full", mixed ones "partial") exactly as
+    ``create_block_mask`` does. The transposed (query-block) indices, used only by flex's own
+    backward, are not computed.
+    """
+    size = _BLOCK_SIZE
+    q_blocks, kv_blocks = -(-q_len // size), -(-kv_len // size)
+    arange = functools.partial(torch.arange, device=device)
+    dense = mask_mod(
+        arange(batch).view(-1, 1, 1, 1),
+        arange(1).view(1, 1, 1, 1),
+        arange(q_len).view(1, 1, -1, 1),
+        arange(kv_len).view(1, 1, 1, -1),
+    ).expand(batch, 1, q_len, kv_len)
+    padded = dense.new_zeros((batch, 1, q_blocks * size, kv_blocks * size))
+    padded[:, :, :q_len, :kv_len] = dense
+    counts = padded.view(batch, 1, q_blocks, size, kv_blocks, size).sum((3, 5))
+    full = counts == size * size
+    partial = (counts > 0) & ~full
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial),
+        *_ordered(full),
+        BLOCK_SIZE=size,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+        compute_q_blocks=False,
+    )
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: how many kv blocks are set, and their indices first (int32)."""
+    blocks = blocks.to(torch.int32)
+    order = torch.argsort(blocks, dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+
 @functools.cache
 def _causal_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask:
-    return create_block_mask(causal_mask, None, None, q_len, kv_len, device=device)
+    return _block_mask(causal_mask, 1, q_len, kv_len, device)
 
 
-def _block_mask(doc_ids: torch.Tensor | None, q_len: int, kv_len: int, device) -> BlockMask:
+def _mask_for(doc_ids: torch.Tensor | None, q_len: int, kv_len: int, device) -> BlockMask:
     if doc_ids is None:
         return _causal_block_mask(q_len, kv_len, torch.device(device))
-    return create_block_mask(
-        document_mask(doc_ids), doc_ids.shape[0], None, q_len, kv_len, device=device
-    )
+    return _block_mask(document_mask(doc_ids), doc_ids.shape[0], q_len, kv_len, device)
 
 
 def _check_args(
@@ -134,6 +181,12 @@ def _check_args(
             raise ValueError(f"flex_attention: doc_ids must be integers, got {doc_ids.dtype}")
 
 
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    # Built on first use: importing torch.compile's machinery takes seconds.
+    return torch.compile(_flex_attention, dynamic=False)
+
+
 @torch.library.custom_op("torchgraft::flex_attention", mutates_args=())
 def flex_attention(
     q: torch.Tensor,
@@ -142,52 +195,45 @@ def flex_attention(
     doc_ids: torch.Tensor | None,
     scale: float | None = None,
     enable_gqa: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention (within documents when ``doc_ids`` is given); returns ``(out, lse)``."""
+) -> torch.Tensor:
+    """Causal attention, within documents when ``doc_ids`` is given."""
     _check_args(q, k, v, doc_ids, enable_gqa)
-    with _disable_current_modes(), warnings.catch_warnings():
-        block_mask = _block_mask(doc_ids, q.shape[2], k.shape[2], q.device)
-        # The unfused path is the intended CPU kernel here (see the module docstring).
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        # The op's own autograd formula differentiates it: flex sees plain tensors.
-        out, aux = _flex_attention(
-            q.detach(),
-            k.detach(),
-            v.detach(),
-            block_mask=block_mask,
-            scale=scale,
-            enable_gqa=enable_gqa,
-            return_aux=AuxRequest(lse=True),
-        )
-    return out, aux.lse.float()
+    block_mask = _mask_for(doc_ids, q.shape[2], k.shape[2], q.device)
+    # The op's own autograd formula differentiates it, so flex sees plain tensors. The scale
+    # is made explicit and GQA always on (a no-op when H == Hkv) so that one compiled kernel
+    # serves every call of a given shape and mask kind.
+    out = _compiled_flex_attention()(
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        block_mask=block_mask,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        enable_gqa=True,
+    )
+    return out.contiguous()  # the layout the fake implementation promises
 
 
 @flex_attention.register_fake
 def _(q, k, v, doc_ids, scale=None, enable_gqa=False):
     _check_args(q, k, v, doc_ids, enable_gqa)
-    batch, heads, q_len, _ = q.shape
-    out = q.new_empty((batch, heads, q_len, v.shape[-1]))
-    return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
 @torch.library.custom_op("torchgraft::flex_attention_backward", mutates_args=())
 def flex_attention_backward(
     grad_out: torch.Tensor,
-    grad_lse: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
     doc_ids: torch.Tensor | None,
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of :func:`flex_attention` given the gradients of ``out`` and ``lse``.
+    """``(dq, dk, dv)`` of :func:`flex_attention` given the gradient of its output.
 
-    Per block of query rows, in float32: ``P = exp(q kᵀ·scale − lse)`` on allowed positions
-    (0 elsewhere), ``dv += Pᵀ dO``, ``dS = P ∘ (dO vᵀ − rowsum(dO ∘ out) + dlse)``,
-    ``dq = dS k·scale``, ``dk += dSᵀ q·scale``.
+    Per block of query rows, in float32: ``P = softmax(q kᵀ·scale)`` over the allowed keys
+    (0 elsewhere), ``dP = dO vᵀ``, ``dS = P ∘ (dP − rowsum(P ∘ dP))``; ``dq = dS k·scale``,
+    ``dk += dSᵀ q·scale``, ``dv += Pᵀ dO``.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -204,42 +250,42 @@ def flex_attention_backward(
     dk32 = torch.zeros(k32.shape, dtype=torch.float32, device=dev)
     dv32 = torch.zeros(v32.shape, dtype=torch.float32, device=dev)
     for start in range(0, q_len, BACKWARD_BLOCK):
-        rows = slice(start, min(start + BACKWARD_BLOCK, q_len))
-        q_idx = torch.arange(rows.start, rows.stop, device=dev).view(1, 1, -1, 1)
-        allowed = mask_mod(b_idx, h_idx, q_idx, kv_idx)
-        q_c = q[:, :, rows].float()
-        do_c = grad_out[:, :, rows].float()
-        scores = q_c @ k32.transpose(-1, -2) * scale
-        probs = torch.exp(scores - lse[:, :, rows, None]).masked_fill(~allowed, 0.0)
-        dv32 += probs.transpose(-1, -2) @ do_c
-        delta = (do_c * out[:, :, rows].float()).sum(-1, keepdim=True)
-        dscores = probs * (do_c @ v32.transpose(-1, -2) - delta + grad_lse[:, :, rows, None])
-        dq[:, :, rows] = dscores @ k32 * scale
-        dk32 += dscores.transpose(-1, -2) @ q_c * scale
+        stop = min(start + BACKWARD_BLOCK, q_len)
+        keys = slice(0, min(stop, kv_len))  # causal: later keys are masked for these rows
+        q_idx = torch.arange(start, stop, device=dev).view(1, 1, -1, 1)
+        allowed = mask_mod(b_idx, h_idx, q_idx, kv_idx[..., keys])
+        q_c = q[:, :, start:stop].float() * scale
+        do_c = grad_out[:, :, start:stop].float()
+        k_c, v_c = k32[:, :, keys], v32[:, :, keys]
+        scores = (q_c @ k_c.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        dv32[:, :, keys] += probs.transpose(-1, -2) @ do_c
+        dscores = do_c @ v_c.transpose(-1, -2)  # dP, then dS = P * (dP - rowsum(P * dP))
+        delta = (probs * dscores).sum(-1, keepdim=True)
+        dscores.sub_(delta).mul_(probs)
+        dq[:, :, start:stop] = (dscores @ k_c) * scale
+        dk32[:, :, keys] += dscores.transpose(-1, -2) @ q_c
     if group > 1:
         dk32 = dk32.view(batch, kv_heads, group, kv_len, head_dim).sum(2)
         dv32 = dv32.view(batch, kv_heads, group, kv_len, v.shape[-1]).sum(2)
-    return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
+    return dq.to(q.dtype), dk32.to(k.dtype).contiguous(), dv32.to(v.dtype).contiguous()
 
 
 @flex_attention_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, doc_ids, scale=None, enable_gqa=False):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, doc_ids, scale=None, enable_gqa=False):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, doc_ids, scale, enable_gqa = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, doc_ids, out, lse)
+    ctx.save_for_backward(q, k, v, doc_ids)
     ctx.scale, ctx.enable_gqa = scale, enable_gqa
 
 
-def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):
-    q, k, v, doc_ids, out, lse = ctx.saved_tensors
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
+def _backward(ctx, grad_out: torch.Tensor):
+    q, k, v, doc_ids = ctx.saved_tensors
     dq, dk, dv = torch.ops.torchgraft.flex_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, doc_ids, ctx.scale, ctx.enable_gqa
+        grad_out, q, k, v, doc_ids, ctx.scale, ctx.enable_gqa
     )
     return dq, dk, dv, None, None, None
 

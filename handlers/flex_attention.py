@@ -1,0 +1,136 @@
+"""``flex_attention``: causal ``scaled_dot_product_attention`` → ``torchgraft::flex_attention``.
+
+Rewrites every ``aten.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale,
+enable_gqa)`` (causal, no explicit mask, no dropout) into the FlexAttention op of
+:mod:`torchgraft.ops.flex`, with a causal block mask or, with ``mask: document``, a causal
+mask restricted to each packed document::
+
+    gm = tg.capture(build_llama("debug"), (tokens,))
+    tg.PassManager([{"flex_attention": {"mask": "document", "eod_token": 0}}]).run(gm)
+    # scaled_dot_product_attention(q, k, v, None, 0.0, True)   becomes
+    # eq = aten.eq.Scalar(tokens, 0); to = aten.to.dtype(eq, torch.int64)
+    # doc_ids = aten.sub.Tensor(aten.cumsum.default(to, -1), to)
+    # torchgraft.flex_attention(q, k, v, doc_ids, None, False)
+
+Document masking needs the token ids, which are not an input of the attention node. The
+handler finds them as a graph input (``tokens_input``, or else the one integer input that
+feeds an ``aten.embedding`` lookup) in :meth:`FlexAttention.reject` and adds it to the
+match's bindings under ``tokens``; every bound graph value becomes an input of the
+replacement, which computes the document ids from it (``document_ids``: the number of
+end-of-document tokens before each token, so an EOD token ends its document). Each layer's
+replacement computes them again (three ``[B, L]`` integer ops, which the common-subexpression
+elimination of ``torch.compile`` merges).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import fx
+
+import torchgraft as tg
+from torchgraft.handlers.options import OptionError
+from torchgraft.ir.rule import Match
+from torchgraft.ops.flex import document_ids  # also registers torchgraft::flex_attention
+
+aten = torch.ops.aten
+
+TOKENS = "tokens"
+"""Name under which ``mask: document`` binds the token-id graph input in a match."""
+
+
+@tg.register_handler("flex_attention")
+class FlexAttention(tg.Handler):
+    """Causal SDPA → FlexAttention with a causal or document block mask.
+
+    Exact: same outputs and gradients as SDPA up to float rounding. The op's forward runs
+    ``torch.compile(flex_attention)`` (flex's fused kernel, also on CPU; compiled once per
+    shape and mask kind, a few seconds), its backward a blocked formula of its own (flex has
+    none on CPU); see :mod:`torchgraft.ops.flex`.
+    """
+
+    @dataclasses.dataclass(kw_only=True)
+    class Options:
+        mask: Literal["causal", "document"] = "causal"
+        """``causal``: the same mask as the SDPA it replaces. ``document``: causal and only
+        within a document, documents being delimited by ``eod_token`` in the token ids
+        (packed sequences stop attending across document boundaries)."""
+        eod_token: int | None = None
+        """End-of-document token id; required by ``mask: document``. The EOD token is the
+        last token of the document it ends."""
+        tokens_input: str | None = None
+        """Name of the graph input holding the token ids ``[B, L]`` (``mask: document``).
+        Default: the only integer graph input used as the indices of an embedding lookup."""
+
+        def validate(self) -> None:
+            if self.mask == "document" and self.eod_token is None:
+                raise ValueError("mask 'document' needs the end-of-document id: set eod_token")
+            if self.mask == "causal" and (self.eod_token, self.tokens_input) != (None, None):
+                raise ValueError("eod_token and tokens_input are only used by mask 'document'")
+
+    def reject(self, match: Match) -> str | None:
+        if self.options.mask == "causal":
+            return None
+        q, k = match["q"], match["k"]
+        if q.shape[2] != k.shape[2]:
+            return f"document masking needs self-attention, got L={q.shape[2]}, S={k.shape[2]}"
+        tokens = self._token_input(match.anchor.graph)
+        shape = tuple(tokens.meta["val"].shape)
+        if shape != (q.shape[0], q.shape[2]):
+            return (
+                f"token input '{tokens.name}' is {list(shape)}, the attention's batch and "
+                f"sequence are [{q.shape[0]}, {q.shape[2]}]"
+            )
+        match.bindings[TOKENS] = tokens
+        return None
+
+    def _token_input(self, graph: fx.Graph) -> fx.Node:
+        inputs = [n for n in graph.find_nodes(op="placeholder") if _is_integer(n)]
+        name = self.options.tokens_input
+        if name is not None:
+            found = [n for n in inputs if name in (n.name, n.target)]
+            if not found:
+                raise OptionError(
+                    f"handler 'flex_attention': no integer graph input named {name!r} "
+                    f"(integer inputs: {[n.name for n in inputs]})",
+                    handler="flex_attention",
+                    option="tokens_input",
+                )
+            return found[0]
+        lookups = graph.find_nodes(op="call_function", target=aten.embedding.default)
+        found = list(dict.fromkeys(n.args[1] for n in lookups if n.args[1] in inputs))
+        if len(found) != 1:
+            what = "no integer graph input" if not found else f"{[n.name for n in found]}"
+            raise OptionError(
+                f"handler 'flex_attention': mask 'document' needs the token ids, but {what} "
+                f"feeds an embedding lookup; set tokens_input to one of "
+                f"{[n.name for n in inputs]}",
+                handler="flex_attention",
+                option="tokens_input",
+            )
+        return found[0]
+
+    @tg.rule
+    def causal_sdpa(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, enable_gqa: bool
+    ):
+        # sdpa(q, k, v, is_causal=True)  =>  torchgraft.flex_attention(q, k, v, doc_ids)
+        return aten.scaled_dot_product_attention.default(
+            q, k, v, None, 0.0, True, scale, enable_gqa
+        )
+
+    @causal_sdpa.replacement
+    def _(self, q, k, v, scale, enable_gqa, **inputs):
+        doc_ids = None
+        if self.options.mask == "document":
+            doc_ids = document_ids(inputs[TOKENS], self.options.eod_token)
+        return torch.ops.torchgraft.flex_attention.default(q, k, v, doc_ids, scale, enable_gqa)
+
+
+def _is_integer(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    return not (val.dtype.is_floating_point or val.is_complex() or val.dtype == torch.bool)
