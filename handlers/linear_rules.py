@@ -1,0 +1,151 @@
+"""What the low-precision linear handlers (float8, int8, MX, BitNet) share.
+
+:class:`LinearHandler` declares the two rules, ``aten.linear(x, w)`` and
+``aten.linear(x, w, b)``, each replaced by the subclass's
+:meth:`~LinearHandler.quantized_linear` (one custom op call), and the ``skip_fqns`` option
+and the shape eligibility, both applied in :meth:`~LinearHandler.reject` so that
+``tg.explain`` states why a linear was left alone. :meth:`~LinearHandler.skipped` lists
+every linear the handler leaves alone, with that same reason. A subclass only writes its options, its shape requirement and its op::
+
+    @tg.register_handler("mx")
+    class MX(LinearHandler):
+        @dataclasses.dataclass(kw_only=True)
+        class Options(LinearHandler.Options):
+            format: Literal["mxfp8", "mxfp4"] = "mxfp8"
+            '''Element format.'''
+
+        def shape_failure(self, w):
+            return None if w.shape[1] % 32 == 0 else f"K={w.shape[1]} ..."
+
+        def quantized_linear(self, x, w, b):
+            return torch.ops.torchgraft.mx_linear.default(x, w, b, self.options.format)
+
+Because the float8, int8, MX and BitNet handlers share these rules, any two of them in one
+plan match the same nodes, which the pass manager's ``overlap`` check reports, unless their
+``skip_fqns`` make them claim disjoint modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import fx
+
+import torchgraft.ops  # noqa: F401  (registers the torchgraft::*_linear ops)
+from torchgraft.handlers.base import Handler
+from torchgraft.ir.matcher import find_matches
+from torchgraft.ir.provenance import user_source
+from torchgraft.ir.rule import Match, rule
+
+__all__ = ["LinearHandler", "Skipped", "skip_glob"]
+
+aten = torch.ops.aten
+
+
+def skip_glob(fqn: str, globs: list[str]) -> str | None:
+    """The first glob that matches a dotted sub-path of module ``fqn``, or None.
+
+    Globs are anchored at ``.`` boundaries but not at the ends, so a glob names a module
+    wherever it sits and covers the modules inside it: ``"output"`` matches ``output`` and
+    ``model.output`` (a model wrapped in a loss module) but not ``outputs`` nor
+    ``output_proj``; ``"attention"`` matches ``layers.0.attention.wq``; ``"layers.0"``
+    every module of the first block; ``"w*"`` any module whose name starts with ``w``.
+    """
+    parts = fqn.split(".")
+    paths = [".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+    return next((g for g in globs if any(fnmatch.fnmatchcase(p, g) for p in paths)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A linear that a :class:`LinearHandler` leaves alone, and why."""
+
+    node: str
+    """Name of the ``aten.linear`` node in the graph."""
+    module_fqn: str
+    """FQN of the module it came from (``model.layers.0.feed_forward.w1``)."""
+    kind: Literal["skip_fqns", "ineligible"]
+    """``skip_fqns``: the user excluded the module; ``ineligible``: its shape is not
+    supported by the format (see :meth:`LinearHandler.shape_failure`)."""
+    reason: str
+    """The text ``reject`` returns, which ``tg.explain`` also shows."""
+    source: str | None = None
+    """The user's source line that produced the node."""
+
+    def __str__(self) -> str:
+        return f"{self.module_fqn or self.node}: {self.reason}"
+
+
+class LinearHandler(Handler):
+    """Base of the handlers that rewrite ``aten.linear`` into one low-precision custom op.
+
+    Subclasses override :meth:`quantized_linear` and, when the format constrains shapes,
+    :meth:`shape_failure`; they are registered, this base is not.
+    """
+
+    @dataclasses.dataclass(kw_only=True)
+    class Options:
+        skip_fqns: list[str] = dataclasses.field(default_factory=lambda: ["output"])
+        """Module FQN globs to leave in high precision. A glob matches a dotted sub-path of
+        the FQN (see :func:`skip_glob`): ``"attention"`` skips every linear inside an
+        ``attention`` module; the default ``["output"]`` keeps the final projection
+        (``output`` or ``model.output``) unconverted, as float8 training recipes do."""
+
+    @rule
+    def linear(x: torch.Tensor, w: torch.Tensor):  # linear(x, w) -> <fmt>_linear(x, w, None)
+        return aten.linear.default(x, w)
+
+    @linear.replacement
+    def _(self, x, w):
+        return self.quantized_linear(x, w, None)
+
+    @rule
+    def linear_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):  # -> <fmt>_linear(x, w, b)
+        return aten.linear.default(x, w, b)
+
+    @linear_bias.replacement
+    def _(self, x, w, b):
+        return self.quantized_linear(x, w, b)
+
+    def quantized_linear(self, x: Any, w: Any, b: Any | None) -> Any:
+        """The replacement of ``F.linear(x, w, b)``: one custom op call on the traced values
+        (``b`` is None for the bias-free rule)."""
+        raise NotImplementedError(f"{type(self).__name__} must define quantized_linear(x, w, b)")
+
+    def shape_failure(self, w: torch.Tensor) -> str | None:
+        """Why the format cannot take weight ``w`` (a fake tensor ``[N, K]``), or None.
+        Default: every shape is supported."""
+        return None
+
+    def reject(self, match: Match) -> str | None:
+        """Skip modules matched by ``skip_fqns``, then weights :meth:`shape_failure` refuses."""
+        skip = self._skip(match)
+        return None if skip is None else skip[1]
+
+    def _skip(self, match: Match) -> tuple[Literal["skip_fqns", "ineligible"], str] | None:
+        glob = skip_glob(match.module_fqn, self.options.skip_fqns)
+        if glob is not None:
+            return "skip_fqns", f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
+        w = match["w"]
+        failure = f"weight is {w.ndim}-D, expected [N, K]" if w.ndim != 2 else self.shape_failure(w)
+        return None if failure is None else ("ineligible", failure)
+
+    def skipped(self, gm: fx.GraphModule) -> list[Skipped]:
+        """Every ``aten.linear`` of ``gm`` that this handler's rules leave alone, with the
+        reason ``tg.explain`` gives. Works before and after the handler ran (a rewritten
+        linear is no longer an ``aten.linear``)."""
+        out = []
+        for match in self._structural_matches(gm.graph):
+            skip = self._skip(match)
+            if skip is not None:
+                anchor = match.anchor
+                out.append(Skipped(anchor.name, match.module_fqn, *skip, user_source(anchor)))
+        return out
+
+    def _structural_matches(self, graph: fx.Graph) -> Iterator[Match]:
+        for r in self.rules():
+            yield from find_matches(graph, r)  # no handler: reject() is not applied

@@ -1,0 +1,222 @@
+"""The float8, int8, MX and BitNet handlers on the tiny Llama: what they rewrite, what they
+skip and why, options, overlap between them, state_dict and checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import torchgraft as tg
+from torchgraft.handlers.linear_rules import LinearHandler, skip_glob
+from torchgraft.handlers.options import OptionError
+from torchgraft.models import build_llama
+from torchgraft.ops.numerics import sqnr
+
+ops = torch.ops.torchgraft
+aten = torch.ops.aten
+
+LOWP = ("float8", "int8", "mx", "bitnet")
+OP_OF = {
+    "float8": ops.float8_linear.default,
+    "int8": ops.int8_linear.default,
+    "mx": ops.mx_linear.default,
+    "bitnet": ops.bitnet_linear.default,
+}
+TINY_LINEARS = 14  # 2 layers x (wq, wk, wv, wo, w1, w2, w3); model.output is skipped
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add overhead, and on a loaded 2-core machine
+    OpenMP spin-waiting made these tests 10-40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(seed: int = 0, shape: tuple[int, int] = (2, 16)) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # two distinct tensors: export would bake an aliasing of tokens and labels into the graph
+    return torch.randint(0, 256, shape, generator=gen), torch.randint(0, 256, shape, generator=gen)
+
+
+def tiny_gm(seed: int = 0, **overrides) -> torch.fx.GraphModule:
+    model = build_llama("tiny", with_loss=True, seed=seed, **overrides)
+    return tg.capture(model, batch())
+
+
+def count(gm: torch.fx.GraphModule, target) -> int:
+    return len(gm.graph.find_nodes(op="call_function", target=target))
+
+
+def overlaps(plan, gm) -> list:
+    return [p for p in tg.PassManager(plan).check(gm) if p.kind == "overlap"]
+
+
+@pytest.mark.parametrize("name", LOWP)
+def test_every_eligible_linear_is_rewritten_and_output_skipped(name):
+    gm = tiny_gm()
+    handler = tg.get_handler(name)()
+    report = tg.PassManager([handler]).run(gm)
+    assert report.matches == {name: TINY_LINEARS}
+    assert report.rule_matches[name] == {"linear": TINY_LINEARS, "linear_bias": 0}
+    assert count(gm, OP_OF[name]) == TINY_LINEARS
+    (left,) = gm.graph.find_nodes(op="call_function", target=aten.linear.default)
+    assert left.args[1].target == "model.output.weight"
+    (skipped,) = handler.skipped(gm)
+    assert (skipped.module_fqn, skipped.kind) == ("model.output", "skip_fqns")
+    assert skipped.reason == "module 'model.output' is in skip_fqns (glob 'output')"
+    loss = gm(*batch(1))
+    loss.backward()
+    assert (
+        torch.isfinite(loss)
+        and gm.get_parameter("model.layers.0.attention.wq.weight").grad is not None
+    )
+
+
+def test_float8_lists_ineligible_linears_with_reasons():
+    gm = tiny_gm(hidden_dim=72)  # w1, w3: [72, 64]; w2: [64, 72]
+    handler = tg.get_handler("float8")()
+    before = handler.skipped(gm)
+    report = tg.PassManager([handler]).run(gm)
+    assert report.matches == {"float8": 8}  # wq, wk, wv, wo per layer
+    after = handler.skipped(gm)
+    assert after == before
+    ineligible = {s.module_fqn: s.reason for s in after if s.kind == "ineligible"}
+    assert set(ineligible) == {
+        f"model.layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")
+    }
+    assert ineligible["model.layers.0.feed_forward.w2"] == (
+        "float8 needs both weight dims to be multiples of 16, weight is [64, 72] "
+        "(out_features x in_features)"
+    )
+    assert all("llama.py" in s.source for s in after)
+    # explain states the same reason at the node
+    node = next(n for n in gm.graph.nodes if n.name == after[0].node)
+    text = str(tg.explain(handler.rules()[0], node, handler))
+    assert (
+        "handler 'float8' rejects it: float8 needs both weight dims to be multiples of 16" in text
+    )
+
+
+def test_mx_requires_k_multiple_of_32():
+    gm = tiny_gm(hidden_dim=80)  # w2 has K = 80; w1 / w3 have K = 64
+    handler = tg.get_handler("mx")()
+    report = tg.PassManager([handler]).run(gm)
+    assert report.matches == {"mx": 12}
+    ineligible = [s for s in handler.skipped(gm) if s.kind == "ineligible"]
+    assert [s.module_fqn for s in ineligible] == [
+        "model.layers.0.feed_forward.w2",
+        "model.layers.1.feed_forward.w2",
+    ]
+    assert "multiple of the block size 32, weight is [64, 80] (K=80)" in ineligible[0].reason
+
+
+def test_linear_with_bias_uses_the_bias_rule():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16, bias=False)
+    )
+    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
+    ref = model(x)
+    gm = tg.capture(model, (x,))
+    report = tg.PassManager([{"float8": {"skip_fqns": []}}]).run(gm)
+    assert report.rule_matches["float8"] == {"linear": 1, "linear_bias": 1}
+    biased = next(n for n in gm.graph.nodes if n.target == ops.float8_linear.default)
+    assert biased.args[2].target == "0.bias"
+    assert sqnr(gm(x), ref) > 20.0
+
+
+def test_skip_fqns_globs():
+    assert skip_glob("model.output", ["output"]) == "output"
+    assert skip_glob("output", ["output"]) == "output"
+    assert skip_glob("model.output_proj", ["output"]) is None
+    assert skip_glob("model.layers.0.attention.wq", ["attention"]) == "attention"
+    assert skip_glob("model.layers.10.attention.wq", ["layers.1"]) is None
+    assert skip_glob("model.layers.1.feed_forward.w2", ["x", "layers.*.w2"]) == "layers.*.w2"
+    gm = tiny_gm()
+    report = tg.PassManager([{"int8": {"skip_fqns": ["output", "layers.1", "wq"]}}]).run(gm)
+    assert report.matches == {"int8": 6}  # layer 0 without wq
+
+
+def test_options_are_typed_and_validated():
+    assert tg.get_handler("float8")().options.recipe == "tensorwise"
+    assert tg.get_handler("int8")().options.mode == "training"
+    assert tg.get_handler("mx")().options.format == "mxfp8"
+    for name in LOWP:
+        assert tg.get_handler(name)().options.skip_fqns == ["output"]
+        assert issubclass(tg.get_handler(name), LinearHandler)
+    with pytest.raises(OptionError, match="recipe"):
+        tg.get_handler("float8")(recipe="blockwise")
+    with pytest.raises(OptionError, match="only with mode='training'"):
+        tg.get_handler("int8")(mode="dynamic", int8_grad_weight=False)
+    with pytest.raises(OptionError, match="skip_fqns"):
+        tg.get_handler("bitnet")(skip_fqns="output")
+    gm = tiny_gm()
+    plan = [{"int8": {"mode": "training", "int8_grad_weight": False}}]
+    tg.PassManager(plan).run(gm)
+    node = next(n for n in gm.graph.nodes if n.target == ops.int8_linear.default)
+    assert node.args[3:] == ("training", True, True, False)
+
+
+def test_sqnr_tolerances():
+    tolerances = {name: tg.get_handler(name).sqnr_tolerance for name in LOWP}
+    assert tolerances == {"float8": 12.0, "int8": 26.0, "mx": 3.0, "bitnet": -3.0}
+    assert tg.get_handler("mx")(format="mxfp8").sqnr_tolerance == 14.0
+    assert tg.get_handler("mx")(format="mxfp4").sqnr_tolerance == 3.0
+
+
+@pytest.mark.parametrize(
+    "plan", [["float8"], [{"float8": {"recipe": "rowwise"}}], ["int8"], ["mx"], ["bitnet"]]
+)
+def test_verify_passes_on_the_tiny_llama(plan):
+    problems = tg.PassManager(plan).check(tiny_gm(seed=3))
+    assert problems == []
+
+
+def test_any_two_overlap():
+    # find_overlaps judges every pair of the plan on the captured graph: one check, six pairs
+    found = {p.handlers: p for p in overlaps(list(LOWP), tiny_gm())}
+    assert set(found) == set(itertools.combinations(LOWP, 2))
+    for problem in found.values():
+        assert problem.rule == "linear / linear"
+        assert "(and 13 more)" in problem.message
+
+
+def test_disjoint_skip_fqns_do_not_overlap():
+    gm = tiny_gm()
+    plan = [
+        {"float8": {"skip_fqns": ["output", "feed_forward"]}},
+        {"int8": {"skip_fqns": ["output", "attention"]}},
+        {"bitnet": {"skip_fqns": ["layers"]}},  # only model.output
+    ]
+    assert overlaps(plan, gm) == []
+    report = tg.PassManager(plan).run(gm)
+    assert report.matches == {"float8": 8, "int8": 6, "bitnet": 1}
+    assert count(gm, aten.linear.default) == 0
+    # one shared module is enough to overlap again
+    plan[1] = {"int8": {"skip_fqns": ["output", "attention.w[qkv]"]}}
+    (problem,) = overlaps(plan, tiny_gm())
+    assert "model.layers.0.attention.wo" in problem.message
+
+
+@pytest.mark.parametrize("name", LOWP)
+def test_state_dict_unchanged_and_unconverted_checkpoint_loads(name, tmp_path):
+    gm = tiny_gm(seed=0)
+    before = {k: (v.shape, v.dtype) for k, v in gm.state_dict().items()}
+    tg.PassManager([name]).run(gm)
+    assert {k: (v.shape, v.dtype) for k, v in gm.state_dict().items()} == before
+
+    other = build_llama("tiny", with_loss=True, seed=1)  # unconverted, different weights
+    path = tmp_path / "ckpt.pt"
+    torch.save(other.state_dict(), path)
+    gm.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    params = dict(gm.named_parameters())
+    assert params.keys() == dict(other.named_parameters()).keys()
+    for key, p in other.named_parameters():
+        assert torch.equal(params[key], p), key
+    loss = gm(*batch(2))
+    assert torch.isfinite(loss)
