@@ -103,8 +103,39 @@ class Handler:
 
         Return None to accept the match, or a reason (shown by ``explain``) to skip it.
         The default accepts everything; handlers use it for options like ``skip_fqns``.
+        Raising a :class:`~torchgraft.TorchgraftError` (e.g. an ``OptionError``) aborts the
+        whole run with that message; the graph is rolled back.
         """
         return None
+
+    def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
+        """Graph values the replacement needs beyond what the pattern bound.
+
+        Called for each accepted match before its replacement is traced; each returned
+        node must be defined before the match (e.g. a graph input) and arrives in the
+        replacement as a keyword argument of that name (declare ``**inputs``). It is part
+        of the template cache key like any binding. Default: none.
+        """
+        return {}
+
+    def param_groups(self) -> list[tuple[list[str], dict[str, Any]]]:
+        """Optimizer options for parameters, by FQN ``fnmatch`` glob (training loop hook).
+
+        Each entry is ``(globs, options)``: AdamW keyword arguments (``weight_decay``,
+        ``betas``, ``eps`` ...) plus ``lr_scale``, a factor on the LR. The training loop
+        tries the rules of all handlers in plan order, then rule order; the first glob
+        matching a parameter's FQN wins and its options override the defaults (weight
+        decay 0 for 1-D, ``embed`` and ``norm`` parameters). A glob that matches no
+        parameter, or an unknown option, is a ``ValueError``. Example:
+        ``[(["output.weight"], {"lr_scale": 0.5})]``. Default: none.
+        """
+        return []
+
+    def lr_multiplier(self, step: int) -> float:
+        """Factor on every group's LR at optimizer update ``step`` (0-based, counting applied
+        updates; skipped non-finite steps do not advance it), multiplied with the
+        warmup-cosine schedule and the other handlers' factors. Default: 1."""
+        return 1.0
 
     def convert(self, model: nn.Module) -> nn.Module:
         """Rewrite a captured graph module in place with this handler and return it."""

@@ -18,8 +18,7 @@ also returns its logits keeps them and does not match):
 * ``view_ce`` / ``reshape_ce``: ``linear → view|reshape([-1, V]) → cross_entropy_loss``;
 * ``linear_ce``: 2-D hidden states, ``linear → cross_entropy_loss``;
 * ``transformers_ce``: ``transformers``' causal-LM loss as exported:
-  ``linear → to(float32) → view([-1, V]) → cross_entropy_loss``, plus the
-  ``_assert_tensor_metadata`` check that export records on the logits.
+  ``linear → to(float32) → view([-1, V]) → cross_entropy_loss``.
 
 Only ``weight=None``, ``label_smoothing=0`` and integer class-index labels are rewritten;
 ``reduction`` may be mean, sum or none and ``ignore_index`` anything.
@@ -144,30 +143,12 @@ class ChunkedCrossEntropy(tg.Handler):
         return self.chunked(h, w, labels, reduction, ignore_index)
 
     @tg.rule
-    def transformers_ce(
-        h,
-        w,
-        labels,
-        to_dtype,
-        shape,
-        reduction: int,
-        ignore_index: int,
-        check_size,
-        check_stride,
-        check_dtype,
-        check_device,
-        check_layout,
-    ):
-        # transformers' ForCausalLMLoss: linear -> to(float32) -> view -> cross_entropy, with
-        # export's metadata check on the logits (a second output, it has no users)
-        logits = aten.linear.default(h, w)
-        check = aten._assert_tensor_metadata.default(
-            logits, check_size, check_stride, check_dtype, device=check_device, layout=check_layout
-        )
-        flat = aten.view.default(aten.to.dtype(logits, to_dtype), shape)
-        return _cross_entropy(flat, labels, reduction, ignore_index), check
+    def transformers_ce(h, w, labels, to_dtype, shape, reduction: int, ignore_index: int):
+        # transformers' ForCausalLMLoss: linear -> to(float32) -> view -> cross_entropy
+        # (export's metadata check on the logits goes away with them)
+        flat = aten.view.default(aten.to.dtype(aten.linear.default(h, w), to_dtype), shape)
+        return _cross_entropy(flat, labels, reduction, ignore_index)
 
     @transformers_ce.replacement
-    def _(self, h, w, labels, to_dtype, reduction, ignore_index, **check):
-        loss = self.chunked(h, w, labels, reduction, ignore_index, to_dtype)
-        return loss, loss  # the check's output is unused; the check goes with the logits
+    def _(self, h, w, labels, to_dtype, shape, reduction, ignore_index):
+        return self.chunked(h, w, labels, reduction, ignore_index, to_dtype)

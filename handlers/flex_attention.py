@@ -14,9 +14,9 @@ mask restricted to each packed document::
 
 Document masking needs the token ids, which are not an input of the attention node. The
 handler finds them as a graph input (``tokens_input``, or else the one integer input that
-feeds an ``aten.embedding`` lookup) in :meth:`FlexAttention.reject` and adds it to the
-match's bindings under ``tokens``; every bound graph value becomes an input of the
-replacement, which computes the document ids from it (``document_ids``: the number of
+feeds an ``aten.embedding`` lookup) and hands it to the replacement as the extra input
+``tokens`` (:meth:`FlexAttention.extra_inputs`); the replacement computes the document ids
+from it (``document_ids``: the number of
 end-of-document tokens before each token, so an EOD token ends its document). Each layer's
 replacement computes them again (three ``[B, L]`` integer ops, which the common-subexpression
 elimination of ``torch.compile`` merges).
@@ -83,8 +83,12 @@ class FlexAttention(tg.Handler):
                 f"token input '{tokens.name}' is {list(shape)}, the attention's batch and "
                 f"sequence are [{q.shape[0]}, {q.shape[2]}]"
             )
-        match.bindings[TOKENS] = tokens
         return None
+
+    def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
+        if self.options.mask == "causal":
+            return {}
+        return {TOKENS: self._token_input(match.anchor.graph)}
 
     def _token_input(self, graph: fx.Graph) -> fx.Node:
         inputs = [n for n in graph.find_nodes(op="placeholder") if _is_integer(n)]

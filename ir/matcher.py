@@ -14,6 +14,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import fx
 
 from torchgraft.ir.pattern import accepts, argument_name, call_args_like, same_value, target_name
@@ -140,16 +141,16 @@ class _Solver:
                                 ctx,
                                 "parameter_bound_twice",
                                 lambda p=p, g=g, s=state: (
-                                    f"parameter '{p.name}' is bound to {_show(s[p])} but here is {_show(g)}"
+                                    f"parameter '{p.target}' is bound to {_show(s[p])} but here is {_show(g)}"
                                 ),
                             )
-                    elif not accepts(self.pattern.annotations.get(p.name), g):
+                    elif not accepts(self.pattern.annotations.get(p.target), g):
                         return self._fail(
                             ctx,
                             "annotation_mismatch",
                             lambda p=p, g=g: (
-                                f"parameter '{p.name}' is annotated "
-                                f"{self.pattern.annotations[p.name]} and cannot bind {_show(g)}"
+                                f"parameter '{p.target}' is annotated "
+                                f"{self.pattern.annotations[p.target]} and cannot bind {_show(g)}"
                             ),
                         )
                     else:
@@ -234,6 +235,16 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+ASSERTION_TARGETS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+"""Metadata checks ``torch.export`` records on values: they do not keep an intermediate
+value of a match alive, and are removed with it."""
+
+
+def is_assertion(node: fx.Node) -> bool:
+    """Whether ``node`` only checks another node's metadata (see :data:`ASSERTION_TARGETS`)."""
+    return node.op == "call_function" and node.target in ASSERTION_TARGETS
+
+
 def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
     """Why replacing this structural match would be wrong, or None."""
     ops = {state[p] for p in rule.pattern.ops}
@@ -246,7 +257,7 @@ def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) ->
                 f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match",
             )
     for node in ops - outputs:
-        outside = [u for u in node.users if u not in ops and is_live(u)]
+        outside = [u for u in node.users if u not in ops and is_live(u) and not is_assertion(u)]
         if outside:
             return Failure(
                 "internal_node_used_outside",

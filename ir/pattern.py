@@ -124,7 +124,7 @@ class Pattern:
         self.outputs: list[fx.Node] = []
         for node in self.graph.nodes:
             if node.op == "placeholder":
-                self.placeholders[node.name] = node
+                self.placeholders[node.target] = node  # the parameter's name
             elif node.op == "output":
                 result = node.args[0]
                 self.outputs = list(result) if isinstance(result, (tuple, list)) else [result]

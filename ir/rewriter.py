@@ -15,8 +15,8 @@ from typing import Any
 from torch import fx
 from torch.fx.node import map_arg
 
-from torchgraft.ir.errors import RewriteError, TorchgraftError
-from torchgraft.ir.matcher import find_matches
+from torchgraft.ir.errors import RewriteError, RuleDefinitionError, TorchgraftError
+from torchgraft.ir.matcher import find_matches, is_assertion
 from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
 from torchgraft.ir.replacement import Template, signature, trace_replacement
 from torchgraft.ir.rule import Match, Rule
@@ -66,11 +66,12 @@ class GraphEditor:
         self._retired.update(nodes)
 
     def commit(self) -> None:
-        """Erase the retired nodes and check the graph."""
+        """Check the graph, then erase the retired nodes (which nothing live uses, so the
+        erasure cannot break what the check accepted; a failed check can still roll back)."""
+        self.graph.lint()
         for node in reversed(self.graph.nodes):
             if node in self._retired:
                 self.graph.erase_node(node)
-        self.graph.lint()
         self._reset()
 
     def rollback(self) -> None:
@@ -144,6 +145,7 @@ class RuleApplier:
     def _apply_one(self, match: Match, cache: dict, handler_name: str) -> MatchRecord:
         rule = match.rule
         try:
+            self._bind_extra_inputs(match)
             key = signature(match)
             template = cache.get(key) if key is not None else None
             if template is None:
@@ -178,6 +180,20 @@ class RuleApplier:
             },
         )
 
+    @staticmethod
+    def _bind_extra_inputs(match: Match) -> None:
+        """Add the handler's :meth:`~torchgraft.Handler.extra_inputs` to the bindings."""
+        if match.handler is None:
+            return
+        extra = match.handler.extra_inputs(match)
+        clash = sorted(set(extra) & set(match.bindings))
+        if clash:
+            raise RuleDefinitionError(
+                f"extra_inputs of handler '{match.handler.display_name}' reuse the pattern's "
+                f"parameter names {clash}"
+            )
+        match.bindings.update(extra)
+
     def _splice(self, match: Match, template: Template, provenance: dict) -> list[fx.Node]:
         editor, anchor = self.editor, match.anchor
         env: dict[fx.Node, Any] = {
@@ -194,7 +210,9 @@ class RuleApplier:
                 created.append(new)
         for old, out in zip(match.outputs, template.outputs):
             editor.replace_uses(old, env[out])
-        editor.retire(match.nodes.values())
+        replaced = match.nodes.values()
+        editor.retire(replaced)
+        editor.retire(u for node in replaced for u in node.users if is_assertion(u))
         return created
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:

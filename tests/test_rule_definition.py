@@ -91,3 +91,13 @@ def test_replacement_output_count_checked():
     gm = tg.capture(torch.nn.ReLU(), (torch.randn(4),))
     with pytest.raises(tg.RewriteError, match="returned 2 values, the pattern has 1 outputs"):
         tg.PassManager([TwoOut]).run(gm)
+
+
+def test_parameters_named_like_fx_builtins_bind_by_their_own_name():
+    # fx renames a placeholder called ``device`` (``device_1``); bindings keep the parameter name
+    @tg.rule
+    def to_device(x: torch.Tensor, dtype, device: torch.device):
+        return aten.to.dtype_layout(x, dtype=dtype, device=device)
+
+    assert to_device.pattern.params == ["x", "dtype", "device"]
+    assert to_device.pattern.annotations["device"] is torch.device
