@@ -9,6 +9,8 @@ from torch import fx, nn
 
 from torchgraft.handlers.options import build_options
 from torchgraft.ir.errors import TorchgraftError
+from torchgraft.ir.matcher import find_matches
+from torchgraft.ir.provenance import user_source
 from torchgraft.ir.rule import Match, Rule
 
 RESERVED_OPTIONS = frozenset({"optional"})
@@ -17,6 +19,23 @@ RESERVED_OPTIONS = frozenset({"optional"})
 
 class HandlerDefinitionError(TorchgraftError):
     """A Handler subclass declares its ordering, tolerance or options wrongly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A place where a handler's rule matches but :meth:`Handler.reject` refuses it."""
+
+    node: str
+    """Name of the node the rule matched (its anchor)."""
+    module_fqn: str
+    """FQN of the module it came from."""
+    reason: str
+    """The text ``reject`` returns, which ``tg.explain`` also shows."""
+    source: str | None = None
+    """The user's source line that produced the node."""
+
+    def __str__(self) -> str:
+        return f"{self.module_fqn or self.node}: {self.reason}"
 
 
 class Handler:
@@ -42,9 +61,10 @@ class Handler:
     """Handlers that, when present in the plan, run before this one."""
     before: ClassVar[tuple[str, ...]] = ()
     """Handlers that, when present in the plan, run after this one."""
-    sqnr_tolerance: ClassVar[float | None] = None
-    """Minimum SQNR (dB) of outputs and gradients after this handler in the verify stage;
-    None for exact rewrites (held to rounding-level differences,
+    sqnr_tolerance: float | None = None
+    """Minimum SQNR (dB) of outputs and gradients after this handler in the verify stage
+    (a handler whose precision depends on its options may set it per instance in
+    ``__init__``); None for exact rewrites (held to rounding-level differences,
     :data:`torchgraft.passes.verify.EXACT_SQNR_DB`)."""
 
     @dataclasses.dataclass(kw_only=True)
@@ -136,6 +156,23 @@ class Handler:
         updates; skipped non-finite steps do not advance it), multiplied with the
         warmup-cosine schedule and the other handlers' factors. Default: 1."""
         return 1.0
+
+    def skipped(self, gm: fx.GraphModule) -> list[Skipped]:
+        """Places in ``gm`` where this handler's rules match but :meth:`reject` refuses
+        them (left alone, e.g. by ``skip_fqns`` or an unsupported shape), with the reason.
+        After a run, these are exactly the matches the handler did not rewrite."""
+        if type(self).reject is Handler.reject:  # accepts everything: nothing to look for
+            return []
+        skipped = []
+        for rule in self.rules():
+            for match in find_matches(gm.graph, rule):  # without the handler: reject() not applied
+                reason = self.reject(match)
+                if reason:
+                    anchor = match.anchor
+                    skipped.append(
+                        Skipped(anchor.name, match.module_fqn, reason, user_source(anchor))
+                    )
+        return skipped
 
     def convert(self, model: nn.Module) -> nn.Module:
         """Rewrite a captured graph module in place with this handler and return it."""

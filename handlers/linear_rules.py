@@ -29,19 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import fx
 
 import torchgraft.ops  # noqa: F401  (registers the torchgraft::*_linear ops)
 from torchgraft.handlers.base import Handler
-from torchgraft.ir.matcher import find_matches
-from torchgraft.ir.provenance import user_source
 from torchgraft.ir.rule import Match, rule
 
-__all__ = ["LinearHandler", "Skipped", "skip_glob"]
+__all__ = ["LinearHandler", "skip_glob"]
 
 aten = torch.ops.aten
 
@@ -58,26 +54,6 @@ def skip_glob(fqn: str, globs: list[str]) -> str | None:
     parts = fqn.split(".")
     paths = [".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
     return next((g for g in globs if any(fnmatch.fnmatchcase(p, g) for p in paths)), None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-    """A linear that a :class:`LinearHandler` leaves alone, and why."""
-
-    node: str
-    """Name of the ``aten.linear`` node in the graph."""
-    module_fqn: str
-    """FQN of the module it came from (``model.layers.0.feed_forward.w1``)."""
-    kind: Literal["skip_fqns", "ineligible"]
-    """``skip_fqns``: the user excluded the module; ``ineligible``: its shape is not
-    supported by the format (see :meth:`LinearHandler.shape_failure`)."""
-    reason: str
-    """The text ``reject`` returns, which ``tg.explain`` also shows."""
-    source: str | None = None
-    """The user's source line that produced the node."""
-
-    def __str__(self) -> str:
-        return f"{self.module_fqn or self.node}: {self.reason}"
 
 
 class LinearHandler(Handler):
@@ -122,30 +98,10 @@ class LinearHandler(Handler):
         return None
 
     def reject(self, match: Match) -> str | None:
-        """Skip modules matched by ``skip_fqns``, then weights :meth:`shape_failure` refuses."""
-        skip = self._skip(match)
-        return None if skip is None else skip[1]
-
-    def _skip(self, match: Match) -> tuple[Literal["skip_fqns", "ineligible"], str] | None:
+        """Skip modules matched by ``skip_fqns``, then weights :meth:`shape_failure` refuses
+        (listed with their reasons by :meth:`~torchgraft.Handler.skipped`)."""
         glob = skip_glob(match.module_fqn, self.options.skip_fqns)
         if glob is not None:
-            return "skip_fqns", f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
+            return f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
         w = match["w"]
-        failure = f"weight is {w.ndim}-D, expected [N, K]" if w.ndim != 2 else self.shape_failure(w)
-        return None if failure is None else ("ineligible", failure)
-
-    def skipped(self, gm: fx.GraphModule) -> list[Skipped]:
-        """Every ``aten.linear`` of ``gm`` that this handler's rules leave alone, with the
-        reason ``tg.explain`` gives. Works before and after the handler ran (a rewritten
-        linear is no longer an ``aten.linear``)."""
-        out = []
-        for match in self._structural_matches(gm.graph):
-            skip = self._skip(match)
-            if skip is not None:
-                anchor = match.anchor
-                out.append(Skipped(anchor.name, match.module_fqn, *skip, user_source(anchor)))
-        return out
-
-    def _structural_matches(self, graph: fx.Graph) -> Iterator[Match]:
-        for r in self.rules():
-            yield from find_matches(graph, r)  # no handler: reject() is not applied
+        return f"weight is {w.ndim}-D, expected [N, K]" if w.ndim != 2 else self.shape_failure(w)

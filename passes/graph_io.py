@@ -81,7 +81,7 @@ class BatchCombine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 0 and x.is_floating_point():
             return funcol.all_reduce(x, "sum", self.mesh) / self.mesh.size()
-        return funcol.all_gather_tensor_autograd(x, gather_dim=0, group=self.mesh)
+        return funcol.all_gather_single_autograd(x, gather_dim=0, group=self.mesh)
 
 
 def _insert_after(

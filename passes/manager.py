@@ -92,6 +92,7 @@ class PassManager:
             raise CheckError(verifier.problems)
         report = self._apply(gm, checks, verifier=verifier, gate=True)
         report.problems = [p for check in checks for p in check.problems]
+        report.skipped = {step.name: step.handler.skipped(gm) for step in self.steps}
         report.seconds["recompile"] = _timed(gm.recompile)
         return report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from torchgraft.handlers.base import Skipped
 from torchgraft.ir.rewriter import MatchRecord
 from torchgraft.passes.problems import Problem, format_problems
 from torchgraft.passes.verify import HandlerSqnr
@@ -26,6 +27,9 @@ class Report:
     """Handler → SQNR measured after it, when the run was verified."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
     """Problems that did not stop the run: ``no_match`` and ``clobber``."""
+    skipped: dict[str, list[Skipped]] = dataclasses.field(default_factory=dict)
+    """Handler → places its rules match but its ``reject`` refused (e.g. ``skip_fqns``,
+    unsupported shapes), left alone, with the reason."""
 
     @property
     def matches(self) -> dict[str, int]:
@@ -48,6 +52,10 @@ class Report:
                 ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
             )
         text = table(rows)
+        for name, skipped in self.skipped.items():
+            if skipped:
+                text += f"\n{name} left {len(skipped)} alone:"
+                text += "".join(f"\n  {s}" for s in skipped)
         if self.problems:
             text += "\n" + format_problems(self.problems)
         return text
