@@ -33,7 +33,9 @@ def capture(
     (``torch._C._nn.linear``, ``torch.relu`` ...). Either way the graph module's parameters
     and buffers are the model's own objects under the same FQNs, so training through it
     updates ``model``, and every node has ``meta["val"]`` (a fake tensor),
-    ``meta["nn_module_stack"]`` and ``meta["stack_trace"]``.
+    ``meta["nn_module_stack"]`` and ``meta["stack_trace"]``. The same tensor passed twice
+    (``capture(m, (t, t))``) is captured as two independent inputs: ``torch.export`` would
+    otherwise bake the alias into the graph and ignore the second argument forever after.
 
     Example::
 
@@ -45,12 +47,28 @@ def capture(
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         args = (args,)
-    kwargs = dict(kwargs or {})
+    args, kwargs = _unaliased(args, dict(kwargs or {}))
     if method == "export":
         return _export(model, args, kwargs, strict)
     if method == "symbolic_trace":
         return _symbolic_trace(model, args, kwargs)
     raise ValueError(f"unknown capture method {method!r}; use 'export' or 'symbolic_trace'")
+
+
+def _unaliased(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Clone every tensor that was already passed as an earlier argument."""
+    seen: set[int] = set()
+
+    def fresh(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in seen:
+            return value.clone()
+        seen.add(id(value))
+        return value
+
+    args = tuple(fresh(a) for a in args)
+    return args, {k: fresh(v) for k, v in kwargs.items()}
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool) -> fx.GraphModule:

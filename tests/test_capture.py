@@ -63,3 +63,13 @@ def test_symbolic_trace_failure_suggests_export():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown capture method"):
         tg.capture(nn.ReLU(), (torch.randn(2),), method="jit")
+
+
+def test_same_tensor_twice_is_captured_as_two_inputs():
+    from torchgraft.models import build_llama
+
+    model = build_llama("tiny", with_loss=True)
+    tokens = torch.randint(0, 256, (2, 16))
+    gm = tg.capture(model, (tokens, tokens))
+    labels = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(gm(tokens, labels), model(tokens, labels))
