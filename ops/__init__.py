@@ -36,3 +36,4 @@ __all__ = [
     "precompute_float8_weight_scales",
     "sqnr",
 ]
+from . import sharding  # noqa: E402, F401  (DTensor support for every torchgraft:: op)

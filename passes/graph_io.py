@@ -6,9 +6,9 @@ Every rank calls it with the same global batch. Inside, the graph
 * keeps only its own rows of each input under data parallelism (``BatchShard``): an
   exported graph has its shapes baked in, so it must have been captured with one rank's
   share of the batch (``batch // dp`` rows); ``torch.export``'s input guards then check
-  those rows. It makes
-  inputs, and tensors it creates from no tensor input, replicated DTensors on the
-  tensor-parallel mesh (``ReplicateInput``);
+  those rows;
+* makes its inputs, and the tensors it creates from no tensor input, replicated DTensors on
+  the tensor-parallel mesh (``ReplicateInput``);
 * turns DTensor outputs back into full tensors (``FullOutput``) and combines the
   data-parallel ranks' outputs (``BatchCombine``): a 0-dim floating output is averaged (it
   is taken to be a batch-mean loss: with equal rows per rank the average is the global

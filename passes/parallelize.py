@@ -98,6 +98,11 @@ def parallelize(
     dim names: ``"tp"`` for tensor parallelism, ``"fsdp"`` for FSDP2 (e.g. a 2 x 1
     ``("fsdp", "tp")`` mesh).
 
+    Under FSDP every rank computes its share of the global batch, and an exported graph's
+    shapes are baked in: capture ``gm`` with ``batch // dp`` rows (``dp``: the size of the
+    ``"fsdp"`` mesh dim). The result still takes the global batch (see
+    :mod:`~torchgraft.passes.graph_io`).
+
     ``gm``'s parameters are replaced by DTensors (same FQNs); the model it was captured from
     keeps its own.
     """

@@ -39,7 +39,7 @@ def _block_of(fqn: str, pattern: re.Pattern[str]) -> str | None:
 def _block_nodes(gm: fx.GraphModule, pattern: str) -> dict[str, list[fx.Node]]:
     """Each block's nodes in graph order: the ops traced in it and the parameters and
     buffers under its FQN."""
-    regex = re.compile(rf"^((?:.*\.)?{pattern})(?:\.|$)")
+    regex = re.compile(rf"^((?:.*?\.)?{pattern})(?:\.|$)")
     blocks: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":

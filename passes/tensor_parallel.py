@@ -20,14 +20,15 @@ Everything between those points is ordinary DTensor propagation: baked-in shapes
 shards (the head dim ends up sharded). Ops follow their DTensor rules, torchgraft's custom
 ops included (:mod:`torchgraft.ops.sharding`), so nothing here depends on which handler
 rewrote what. Where a gather feeds only ops that can take their input in low precision
-(tensorwise ``float8_linear``), the activation is gathered as float8
-(:func:`torchgraft.ops.sharding.gather_cast`).
+(tensorwise ``float8_linear``), the activation is gathered as float8, and the gradient of
+such an op's reduce-scattered output is gathered as float8 in the backward
+(:func:`torchgraft.ops.sharding.gather_cast`, :func:`~torchgraft.ops.sharding.scatter_cast`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import fx, nn
@@ -38,7 +39,7 @@ from torch.distributed.tensor.placement_types import Placement
 from torchgraft.handlers.linear_rules import skip_glob
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.provenance import module_fqn
-from torchgraft.ops.sharding import gather_cast
+from torchgraft.ops.sharding import gather_cast, scatter_cast
 
 __all__ = [
     "LLAMA_PLAN",
@@ -141,8 +142,13 @@ def redistribute(x: DTensor, layout: str) -> DTensor:
     """``x`` redistributed to ``layout``: ``"replicate"`` or ``"shard(d)"`` on its mesh.
 
     The graph calls this at the points the plan fixes (see the module docstring)."""
-    placement = Replicate() if layout == "replicate" else Shard(int(layout[6:-1]) % x.ndim)
+    placement = Replicate() if layout == "replicate" else Shard(_shard_dim(layout) % x.ndim)
     return x.redistribute(placements=[placement])
+
+
+def _shard_dim(layout: str) -> int:
+    """``d`` of the layout ``"shard(d)"``."""
+    return int(layout[len("shard(") : -1])
 
 
 def _owners(gm: fx.GraphModule, styles: Mapping[str, Style]) -> dict[fx.Node, str]:
@@ -182,12 +188,13 @@ def _boundary_edges(
 
 def _insert_redistributions(
     gm: fx.GraphModule, styles: Mapping[str, Style], sequence_parallel: bool
-) -> int:
+) -> None:
+    """One call per value and layout, shared by all the consumers that need that layout."""
     groups: dict[tuple[fx.Node, str], list[fx.Node]] = {}
     for producer, consumer, layout in _boundary_edges(gm, styles, sequence_parallel):
         groups.setdefault((producer, layout), []).append(consumer)
     for (producer, layout), consumers in groups.items():
-        target, args = _gather_target(producer, layout, consumers, sequence_parallel)
+        target, args = _redistribution(producer, layout, consumers, sequence_parallel)
         # A gather belongs to the block of its consumers, a reduction to its producer's.
         anchor = consumers[0] if layout == "replicate" else producer
         with gm.graph.inserting_after(producer):
@@ -197,22 +204,31 @@ def _insert_redistributions(
         )
         for consumer in consumers:
             consumer.replace_input_with(producer, new)
-    return len(groups)
 
 
-def _gather_target(
+def _redistribution(
     producer: fx.Node, layout: str, consumers: list[fx.Node], sequence_parallel: bool
-) -> tuple[Callable[..., DTensor], tuple[str, ...]]:
-    """The function inserted for one redistribution: a low-precision gather when every
-    consumer takes ``producer`` as its activation and casts it identically, else
-    :func:`redistribute`."""
-    if layout == "replicate" and sequence_parallel:
+) -> tuple[Callable[..., DTensor], tuple[Any, ...]]:
+    """The call that redistributes ``producer`` to ``layout`` for ``consumers``.
+
+    Under sequence parallelism, an all-gather runs in float8 when every consumer takes
+    ``producer`` as its activation and casts it identically (``gather_cast``), and a
+    reduce-scatter gathers its gradient in float8 when its producer allows it
+    (``scatter_cast``); everything else is :func:`redistribute`.
+    """
+    if sequence_parallel and layout == "replicate":
         casts = {
             gather_cast(c.target, c.args[3:]) if c.args and c.args[0] is producer else None
             for c in consumers
         }
         if len(casts) == 1 and None not in casts:
             return casts.pop(), ()
+    # Only when these consumers are the producer's sole users: the op's backward then
+    # quantizes exactly the gradient that was gathered.
+    if sequence_parallel and layout.startswith("shard") and set(producer.users) == set(consumers):
+        cast = scatter_cast(producer.target, producer.args[3:])
+        if cast is not None:
+            return cast, (_shard_dim(layout),)
     return redistribute, (layout,)
 
 

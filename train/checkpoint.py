@@ -4,6 +4,11 @@ A checkpoint is the DCP directory ``<checkpoint_dir>/step-<k>`` holding the mode
 optimizer state (FQN-keyed, via ``get_state_dict``), the LR scheduler, the data position,
 the global torch RNG state and the loop counters after step ``k``. DCP writes the
 ``.metadata`` file last, so only directories that have one count as complete.
+
+Distributed runs use it unchanged: DTensor parameters and optimizer states (tensor parallel,
+FSDP2) are written as shards by their ranks and resharded on load, so a checkpoint saved by
+one world size or layout resumes under another (one process, TP over 2 ranks, FSDP over 2:
+``tests/test_parallel.py``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,6 +64,9 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
     ``pre_optimizer_hook(model_parts)`` / ``post_optimizer_hook(model_parts)``, run through
     the optimizer's step hooks around every applied step with ``model_parts == [model]``.
 
+    A graph parallelized by :func:`torchgraft.passes.parallelize.parallelize` trains as it is
+    under ``torchrun``: every rank draws the same batches and gets the same global loss.
+
     A step whose loss or global gradient norm is not finite is skipped: no optimizer step,
     no scheduler advance, gradients cleared; :class:`NonFiniteError` is raised after
     ``config.max_nonfinite_in_a_row`` such steps in a row.
@@ -101,9 +105,9 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
         losses=[], start_step=loop["step"], steps=0, skipped_steps=0, tokens_per_s=0.0, wall_s=0.0
     )
     start = time.perf_counter()
-    with tqdm(
-        total=config.steps, initial=loop["step"], disable=not config.progress, desc="train"
-    ) as bar:
+    # Under torchrun every rank trains and sees the same loss: one progress bar is enough.
+    progress = config.progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    with tqdm(total=config.steps, initial=loop["step"], disable=not progress, desc="train") as bar:
         while loop["step"] < config.steps:
             tokens, labels = next(data)
             loss = model(tokens, labels)

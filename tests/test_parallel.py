@@ -1,0 +1,198 @@
+"""Tensor parallelism, FSDP2 and distributed checkpoints on converted graphs (2 gloo ranks).
+
+Multi-process workers live in ``dist_helpers``; each test spawns the ranks once and runs
+several scenarios in them (a spawn costs seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import pkgutil
+import shutil
+import subprocess
+from pathlib import Path
+
+import dist_helpers as dh
+import pytest
+import torch
+
+import torchgraft as tg
+import torchgraft.ops
+from torchgraft import cli
+from torchgraft.config import ParallelConfig, load_config
+from torchgraft.ir.errors import TorchgraftError
+from torchgraft.ops import sqnr
+from torchgraft.ops.sharding import dtensor_support, torchgraft_ops
+from torchgraft.passes.parallelize import init_distributed
+from torchgraft.passes.split_blocks import split_blocks
+from torchgraft.passes.tensor_parallel import TensorParallelError, module_styles
+from torchgraft.train import train
+from torchgraft.train.job import run_job
+
+# --- single process ---------------------------------------------------------------------------
+
+
+def test_every_torchgraft_op_runs_on_dtensors():
+    for module in pkgutil.iter_modules(torchgraft.ops.__path__):
+        importlib.import_module(f"torchgraft.ops.{module.name}")
+    ops = torchgraft_ops()
+    assert len(ops) >= 17
+    missing = [str(op) for op in ops if dtensor_support(op) is None]
+    assert not missing, f"ops without DTensor sharding (add them to ops/sharding.py): {missing}"
+    assert dtensor_support(torch.ops.torchgraft.float8_linear.default) == "distributed execution"
+    assert dtensor_support(torch.ops.torchgraft.rms_norm.default) == "placement rule"
+
+
+def test_an_op_without_sharding_is_reported():
+    @torch.library.custom_op("torchgraft_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    assert dtensor_support(torch.ops.torchgraft_test.twice.default) is None
+
+
+def test_plan_globs_must_match_and_styles_must_exist():
+    gm = dh.converted_llama([], with_loss=True)
+    styles = module_styles(gm, {"layers.*.attention.wq": "colwise", "output": "replicate"})
+    assert styles == {
+        "model.layers.0.attention.wq": "colwise",
+        "model.layers.1.attention.wq": "colwise",
+        "model.output": "replicate",
+    }
+    with pytest.raises(TensorParallelError, match=r"\['layers.\*.attn.wq'\] match no module"):
+        module_styles(gm, {"layers.*.attn.wq": "colwise"})
+    with pytest.raises(TensorParallelError, match="style 'columnwise'"):
+        module_styles(gm, {"output": "columnwise"})
+
+
+def test_split_blocks_keeps_outputs_parameters_and_fqns():
+    tokens, labels = dh.batches(1)[0]
+    gm = dh.converted_llama([], with_loss=True)
+    before = dict(gm.named_parameters())
+    expected = gm(tokens, labels)
+    assert split_blocks(gm) == ["model.layers.0", "model.layers.1"]
+    after = dict(gm.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is p for n, p in before.items())
+    assert isinstance(gm.get_submodule("model.layers.1"), torch.fx.GraphModule)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls[-2:] == ["model.layers.0", "model.layers.1"]
+    assert torch.equal(gm(tokens, labels), expected)
+
+
+def test_parallelize_outside_torchrun_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(TorchgraftError, match="launch with torchrun"):
+        init_distributed()
+
+
+# --- 2 ranks ----------------------------------------------------------------------------------
+
+MESHES = {
+    "tp": {"tp": 2},
+    "fsdp": {"fsdp": 2},
+    "fsdp2 x tp1": {"fsdp": 2, "tp": 1},
+    "fsdp1 x tp2": {"fsdp": 1, "tp": 2},
+}
+"""2 ranks cannot make a 2 x 2 mesh: the 2-D cases put 2 ranks on one dim and 1 on the other."""
+
+
+def test_training_matches_single_process():
+    handlers = {"fp32": [], "float8": ["float8"]}
+    scenarios = [
+        (f"{mesh} {precision}", shape, handlers[precision])
+        for mesh, shape in MESHES.items()
+        for precision in handlers
+    ]
+    ranks = dh.run_ranks(dh.train_scenarios, scenarios)
+    # Data parallelism over dp ranks computes what one process does with dp micro-batches
+    # (float8 takes each micro-batch's own activation scale, as each rank does).
+    data = dh.batches()
+    reference = {
+        (precision, dp): dh.train_logits(dh.converted_llama(h, dh.BATCH // dp), data, dp)
+        for precision, h in handlers.items()
+        for dp in (1, 2)
+    }
+    for name, (losses, logits, float8_collectives) in ranks[0].items():
+        assert ranks[1][name][0] == losses, f"{name}: ranks disagree"
+        mesh, _, precision = name.rpartition(" ")
+        ref_losses, ref_logits = reference[precision, MESHES[mesh].get("fsdp", 1)]
+        if name.endswith("fp32"):
+            torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0, msg=name)
+        else:
+            worst = min(sqnr(out, ref) for out, ref in zip(logits, ref_logits))
+            assert worst >= 40.0, f"{name}: logits SQNR {worst:.1f} dB"
+        # Under tensor parallelism (sequence parallel), per block, the inputs of the attention
+        # and feed-forward float8 linears are gathered as float8, and so are the gradients
+        # of their two reduce-scattered outputs: 4 per block, 2 blocks.
+        expected = 8 if "tp" in MESHES[mesh] and precision == "float8" else 0
+        assert float8_collectives == expected, name
+
+
+def test_quantized_linears_sharded_equal_the_single_process_op():
+    cases = [
+        ("float8_linear", ("tensorwise",)),
+        ("float8_linear", ("rowwise",)),
+        ("int8_linear", ("weight_only",)),
+        ("int8_linear", ("dynamic",)),
+        ("int8_linear", ("training",)),
+        ("mx_linear", ("mxfp8",)),
+        ("mx_linear", ("mxfp4",)),
+        ("bitnet_linear", ()),
+    ]
+    results = dh.run_ranks(dh.quantized_linears, cases)[0]
+    assert len(results) == 2 * len(cases)
+    low = {case: db for case, db in results.items() if db < 60.0}
+    assert not low, f"sharded result differs from the single-process op (SQNR dB): {low}"
+
+
+def test_every_registered_handler_composes_with_tensor_parallel():
+    names = sorted(tg.registered())
+    ranks = dh.run_ranks(dh.handler_steps, names, timeout_s=240)
+    tokens, labels = dh.batches(1)[0]
+    for name in names:
+        gm = dh.converted_llama([name], with_loss=True)
+        loss = gm(tokens, labels)
+        loss.backward()
+        tp_loss, tp_grads = ranks[0][name]
+        assert sqnr(tp_loss, loss.detach()) >= 60.0, name
+        for param, p in gm.named_parameters():
+            assert sqnr(tp_grads[param], p.grad) >= 40.0, f"{name}: {param}"
+
+
+def test_checkpoints_reshard_between_world_sizes_and_layouts(tmp_path):
+    """One run, four segments: 1 process, TP over 2, FSDP over 2, 1 process again."""
+    uninterrupted = train(dh.converted_llama([], with_loss=True), dh.resume_config(None, 8))
+    segments = [
+        train(dh.converted_llama([], with_loss=True), dh.resume_config(tmp_path, 2)).losses,
+        dh.run_ranks(dh.resume_parallel, str(tmp_path), 4, {"tp": 2})[0],
+        dh.run_ranks(dh.resume_parallel, str(tmp_path), 6, {"fsdp": True})[0],
+        train(dh.converted_llama([], with_loss=True), dh.resume_config(tmp_path, 8)).losses,
+    ]
+    assert [len(s) for s in segments] == [2, 2, 2, 2]
+    resumed = [loss for segment in segments for loss in segment]
+    torch.testing.assert_close(resumed, uninterrupted.losses, rtol=1e-5, atol=0)
+
+
+# --- torchrun ---------------------------------------------------------------------------------
+
+TP2_CONFIG = Path(torchgraft.__file__).parent / "configs" / "llama_tp2.yaml"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+@pytest.mark.skipif("run" not in cli.COMMANDS, reason="the `torchgraft run` command is missing")
+def test_torchrun_trains_the_tp2_config_like_one_process(tmp_path):
+    steps = ["--steps", "3", "--no-progress"]
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "torchgraft", "run"]
+    done = subprocess.run(
+        [*command, str(TP2_CONFIG), *steps, "--out", str(tmp_path / "tp2")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = json.loads((tmp_path / "tp2" / "metrics.json").read_text())["losses"]
+    config = dataclasses.replace(load_config(TP2_CONFIG), parallel=ParallelConfig())
+    single = run_job(config, steps=3, out_dir=tmp_path / "single", progress=False)
+    torch.testing.assert_close(losses, single.train.losses, rtol=1e-5, atol=0)
