@@ -115,7 +115,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from torchgraft.config import load_config
     from torchgraft.passes.problems import CheckError
-    from torchgraft.train.job import METRICS_FILE, run_job
+    from torchgraft.train.job import METRICS_FILE, is_main_process, run_job
 
     config = load_config(args.config)
     try:
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     except CheckError as exc:
         print(f"torchgraft run: the plan has problems; nothing was trained\n{exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    if not is_main_process():
+        return EXIT_OK
     print(result.report)
     losses = result.train.losses
     print(

@@ -125,14 +125,26 @@ class ParallelConfig:
 
     tp: int = 1
     """Tensor-parallel degree; 1 disables tensor parallelism."""
-    fsdp: bool = False
-    """Shard parameters with FSDP2 (``fully_shard``) over the data-parallel ranks."""
+    fsdp: bool | int = False
+    """FSDP2 (``fully_shard`` per transformer block): ``true`` uses every rank not taken by
+    ``tp`` as a data-parallel rank, an integer is the data-parallel degree."""
     plan: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Parameter FQN glob → tensor-parallel style (e.g. ``"layers.*.attention.wq": colwise``)."""
+    """Module FQN glob → ``colwise`` | ``rowwise`` | ``replicate`` (e.g.
+    ``"layers.*.attention.wq": colwise``); empty: the built-in Llama's plan."""
+    sequence_parallel: bool = True
+    """Keep activations between tensor-parallel regions sharded along the tokens (float8
+    linears then gather their inputs as float8)."""
 
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if not isinstance(self.fsdp, bool) and self.fsdp < 1:
+            raise ValueError(f"fsdp must be true, false or a degree >= 1, got {self.fsdp}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the parallelize stage runs."""
+        return self.tp > 1 or bool(self.fsdp)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

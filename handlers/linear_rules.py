@@ -28,32 +28,18 @@ plan match the same nodes, which the pass manager's ``overlap`` check reports, u
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any
 
 import torch
 
 import torchgraft.ops  # noqa: F401  (registers the torchgraft::*_linear ops)
 from torchgraft.handlers.base import Handler
+from torchgraft.ir.provenance import module_glob
 from torchgraft.ir.rule import Match, rule
 
-__all__ = ["LinearHandler", "skip_glob"]
+__all__ = ["LinearHandler"]
 
 aten = torch.ops.aten
-
-
-def skip_glob(fqn: str, globs: list[str]) -> str | None:
-    """The first glob that matches a dotted sub-path of module ``fqn``, or None.
-
-    Globs are anchored at ``.`` boundaries but not at the ends, so a glob names a module
-    wherever it sits and covers the modules inside it: ``"output"`` matches ``output`` and
-    ``model.output`` (a model wrapped in a loss module) but not ``outputs`` nor
-    ``output_proj``; ``"attention"`` matches ``layers.0.attention.wq``; ``"layers.0"``
-    every module of the first block; ``"w*"`` any module whose name starts with ``w``.
-    """
-    parts = fqn.split(".")
-    paths = [".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
-    return next((g for g in globs if any(fnmatch.fnmatchcase(p, g) for p in paths)), None)
 
 
 class LinearHandler(Handler):
@@ -67,7 +53,7 @@ class LinearHandler(Handler):
     class Options:
         skip_fqns: list[str] = dataclasses.field(default_factory=lambda: ["output"])
         """Module FQN globs to leave in high precision. A glob matches a dotted sub-path of
-        the FQN (see :func:`skip_glob`): ``"attention"`` skips every linear inside an
+        the FQN (see :func:`torchgraft.ir.provenance.module_glob`): ``"attention"`` skips every linear inside an
         ``attention`` module; the default ``["output"]`` keeps the final projection
         (``output`` or ``model.output``) unconverted, as float8 training recipes do."""
 
@@ -100,7 +86,7 @@ class LinearHandler(Handler):
     def reject(self, match: Match) -> str | None:
         """Skip modules matched by ``skip_fqns``, then weights :meth:`shape_failure` refuses
         (listed with their reasons by :meth:`~torchgraft.Handler.skipped`)."""
-        glob = skip_glob(match.module_fqn, self.options.skip_fqns)
+        glob = module_glob(match.module_fqn, self.options.skip_fqns)
         if glob is not None:
             return f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
         w = match["w"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import re
@@ -73,3 +74,17 @@ def describe(node: fx.Node) -> str:
     if source:
         parts.append(f"from {source}")
     return " ".join(parts)
+
+
+def module_glob(fqn: str, globs: list[str]) -> str | None:
+    """The first glob that matches a dotted sub-path of module ``fqn``, or None.
+
+    Globs are anchored at ``.`` boundaries but not at the ends, so a glob names a module
+    wherever it sits and covers the modules inside it: ``"output"`` matches ``output`` and
+    ``model.output`` (a model wrapped in a loss module) but not ``outputs`` nor
+    ``output_proj``; ``"attention"`` matches ``layers.0.attention.wq``; ``"layers.0"``
+    every module of the first block; ``"w*"`` any module whose name starts with ``w``.
+    """
+    parts = fqn.split(".")
+    paths = [".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+    return next((g for g in globs if any(fnmatch.fnmatchcase(p, g) for p in paths)), None)

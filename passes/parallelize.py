@@ -65,10 +65,18 @@ def init_distributed(device_type: str = "cpu") -> None:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
+def data_parallel_degree(tp: int, fsdp: bool | int, world: int) -> int:
+    """Number of data-parallel (FSDP) ranks: ``fsdp`` itself when it is a degree, all ranks
+    not used by tensor parallelism when it is ``True``, 1 when FSDP is off."""
+    if not fsdp:
+        return 1
+    return world // tp if fsdp is True else int(fsdp)
+
+
 def build_mesh(tp: int, fsdp: bool | int, device_type: str = "cpu") -> DeviceMesh:
     """The device mesh over all ranks: ``("tp",)``, ``("fsdp",)`` or ``("fsdp", "tp")``."""
     world = dist.get_world_size()
-    dp = (world // tp if fsdp is True else int(fsdp)) if fsdp else 1
+    dp = data_parallel_degree(tp, fsdp, world)
     if tp < 1 or dp < 1 or tp * dp != world:
         raise TorchgraftError(
             f"parallel: tp={tp} x fsdp={dp} data-parallel ranks must use all {world} ranks"

@@ -36,9 +36,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import Placement
 
-from torchgraft.handlers.linear_rules import skip_glob
 from torchgraft.ir.errors import TorchgraftError
-from torchgraft.ir.provenance import module_fqn
+from torchgraft.ir.provenance import module_fqn, module_glob
 from torchgraft.ops.sharding import gather_cast, scatter_cast
 
 __all__ = [
@@ -86,7 +85,7 @@ def module_styles(gm: fx.GraphModule, plan: Mapping[str, Style]) -> dict[str, St
     styles: dict[str, Style] = {}
     used: set[str] = set()
     for owner in owners:
-        glob = skip_glob(owner, list(plan))
+        glob = module_glob(owner, list(plan))
         if glob is not None:
             styles[owner] = plan[glob]
             used.add(glob)

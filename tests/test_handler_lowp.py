@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import torchgraft as tg
-from torchgraft.handlers.linear_rules import LinearHandler, skip_glob
+from torchgraft.handlers.linear_rules import LinearHandler
 from torchgraft.handlers.options import OptionError
+from torchgraft.ir.provenance import module_glob
 from torchgraft.models import build_llama
 from torchgraft.ops.numerics import sqnr
 
@@ -131,12 +132,12 @@ def test_linear_with_bias_uses_the_bias_rule():
 
 
 def test_skip_fqns_globs():
-    assert skip_glob("model.output", ["output"]) == "output"
-    assert skip_glob("output", ["output"]) == "output"
-    assert skip_glob("model.output_proj", ["output"]) is None
-    assert skip_glob("model.layers.0.attention.wq", ["attention"]) == "attention"
-    assert skip_glob("model.layers.10.attention.wq", ["layers.1"]) is None
-    assert skip_glob("model.layers.1.feed_forward.w2", ["x", "layers.*.w2"]) == "layers.*.w2"
+    assert module_glob("model.output", ["output"]) == "output"
+    assert module_glob("output", ["output"]) == "output"
+    assert module_glob("model.output_proj", ["output"]) is None
+    assert module_glob("model.layers.0.attention.wq", ["attention"]) == "attention"
+    assert module_glob("model.layers.10.attention.wq", ["layers.1"]) is None
+    assert module_glob("model.layers.1.feed_forward.w2", ["x", "layers.*.w2"]) == "layers.*.w2"
     gm = tiny_gm()
     report = tg.PassManager([{"int8": {"skip_fqns": ["output", "layers.1", "wq"]}}]).run(gm)
     assert report.matches == {"int8": 6}  # layer 0 without wq

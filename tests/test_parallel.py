@@ -20,7 +20,6 @@ import torch
 
 import torchgraft as tg
 import torchgraft.ops
-from torchgraft import cli
 from torchgraft.config import ParallelConfig, load_config
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ops import sqnr
@@ -177,22 +176,23 @@ def test_checkpoints_reshard_between_world_sizes_and_layouts(tmp_path):
 
 # --- torchrun ---------------------------------------------------------------------------------
 
-TP2_CONFIG = Path(torchgraft.__file__).parent / "configs" / "llama_tp2.yaml"
+CONFIGS = Path(torchgraft.__file__).parent / "configs"
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-@pytest.mark.skipif("run" not in cli.COMMANDS, reason="the `torchgraft run` command is missing")
-def test_torchrun_trains_the_tp2_config_like_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["llama_tp2", "llama_fsdp2"])
+def test_torchrun_trains_the_config_like_one_process(tmp_path, name):
+    config_path = CONFIGS / f"{name}.yaml"
     steps = ["--steps", "3", "--no-progress"]
     command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "torchgraft", "run"]
     done = subprocess.run(
-        [*command, str(TP2_CONFIG), *steps, "--out", str(tmp_path / "tp2")],
+        [*command, str(config_path), *steps, "--out", str(tmp_path / name)],
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    losses = json.loads((tmp_path / "tp2" / "metrics.json").read_text())["losses"]
-    config = dataclasses.replace(load_config(TP2_CONFIG), parallel=ParallelConfig())
+    losses = json.loads((tmp_path / name / "metrics.json").read_text())["losses"]
+    config = dataclasses.replace(load_config(config_path), parallel=ParallelConfig())
     single = run_job(config, steps=3, out_dir=tmp_path / "single", progress=False)
     torch.testing.assert_close(losses, single.train.losses, rtol=1e-5, atol=0)

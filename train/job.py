@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from torchgraft.config import Config, ConfigError
+from torchgraft.passes.parallelize import data_parallel_degree, parallelize
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
 from torchgraft.train.loop import TrainResult, train
@@ -46,8 +47,7 @@ def run_job(
     train_config = _train_config(config, steps, progress)
     out = Path(out_dir if out_dir is not None else config.output.dir)
     config.import_modules()
-    inputs = config.example_inputs(seed=train_config.seed)
-    _check_input_shapes(config, inputs, train_config)
+    inputs = _capture_inputs(config, train_config)
     model = config.build_model()
     gm = config.capture_model(model, inputs)
     if dump_ir is not None:
@@ -63,6 +63,8 @@ def run_job(
         baseline_gm = config.capture_model(config.build_model(), inputs)
         baseline = train(_parallelize_and_compile(config, baseline_gm), train_config)
     metrics = _metrics(config, report, result, baseline, train_config)
+    if not is_main_process():
+        return JobResult(out, report, result, baseline, metrics)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if baseline is not None:
@@ -88,26 +90,38 @@ def _train_config(config: Config, steps: int | None, progress: bool | None) -> T
     return dataclasses.replace(train_config, **overrides) if overrides else train_config
 
 
-def _check_input_shapes(
-    config: Config, inputs: Sequence[torch.Tensor], train_config: TrainConfig
-) -> None:
-    """The exported graph has static shapes: the example inputs must be training batches."""
+def is_main_process() -> bool:
+    """Rank 0 under ``torchrun``, or a single process: the one that writes and prints."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _capture_inputs(config: Config, train_config: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """The example inputs to capture with: one training batch (tokens, labels), or one
+    data-parallel rank's rows of it under FSDP (the captured graph has static shapes)."""
+    inputs = config.example_inputs(seed=train_config.seed)
     batch = [train_config.batch_size, train_config.seq_len]
-    wrong = [i for i, t in enumerate(inputs) if list(t.shape) != batch]
-    if len(inputs) != 2 or wrong:
+    where = config.locations.get("model.inputs") or config.locations.get("model")
+    if len(inputs) != 2 or any(list(t.shape) != batch for t in inputs):
         raise ConfigError(
             "model.inputs must be the training batch (tokens, labels), each of shape "
             f"[train.batch_size, train.seq_len] = {batch}, because the captured graph has static "
             f"shapes; got {[list(t.shape) for t in inputs]}",
-            config.locations.get("model.inputs") or config.locations.get("model"),
+            where,
         )
+    parallel = config.parallel
+    dp = data_parallel_degree(parallel.tp, parallel.fsdp, int(os.environ.get("WORLD_SIZE", "1")))
+    if train_config.batch_size % dp:
+        raise ConfigError(
+            f"train.batch_size {train_config.batch_size} is not divisible by the {dp} "
+            "data-parallel ranks",
+            config.locations.get("train.batch_size") or where,
+        )
+    return tuple(t[: train_config.batch_size // dp] for t in inputs)
 
 
 def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:
     module: nn.Module = gm
-    if config.parallel.tp > 1 or config.parallel.fsdp:
-        from torchgraft.passes.parallelize import parallelize
-
+    if config.parallel.enabled:
         module = parallelize(gm, config.parallel)
     if config.compile.enabled:
         module = torch.compile(module)
