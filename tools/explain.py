@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import fnmatch
 from collections.abc import Sequence
 
 from torch import fx
@@ -23,7 +22,7 @@ from torchgraft.handlers.base import Handler
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.matcher import explain, find_matches
 from torchgraft.ir.pattern import target_name
-from torchgraft.ir.provenance import module_fqn, module_stack, user_source
+from torchgraft.ir.provenance import module_fqn, module_glob, user_source
 from torchgraft.ir.rule import Rule
 from torchgraft.passes.manager import HandlerSpec, PassManager, instantiate
 from torchgraft.passes.report import Report
@@ -189,7 +188,9 @@ def _find_node(graph: fx.Graph, name: str, report: Report | None) -> fx.Node:
 
 
 def _in_module(node: fx.Node, glob: str) -> bool:
-    return any(fnmatch.fnmatchcase(fqn, glob) for fqn in module_stack(node))
+    """``glob`` matches a dotted sub-path of the node's module FQN (as ``skip_fqns`` does):
+    ``layers.0`` selects every node inside ``model.layers.0``."""
+    return module_glob(module_fqn(node), [glob]) is not None
 
 
 def explain_plan(

@@ -3,7 +3,8 @@
 Folding to depth ``d`` puts every node traced ``d`` or more modules deep in its
 ``nn_module_stack`` into one box for its depth-``d`` module (depth 1: ``layers.0``, depth 2:
 ``layers.0.attention``). Nodes inside a module matching an ``expand`` glob stay visible, in a
-cluster labelled with that module. Graph inputs and the output are always drawn; other
+cluster labelled with that module (globs match a dotted sub-path of the FQN, as
+``skip_fqns`` does: ``layers.0`` also expands ``model.layers.0``). Graph inputs and the output are always drawn; other
 nodes without a module (parameters, constants) go where all their users go. A fold of a
 single node is drawn as that node.
 """
@@ -11,14 +12,13 @@ single node is drawn as that node.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
 from torch import fx
 
-from torchgraft.ir.provenance import module_stack
+from torchgraft.ir.provenance import module_glob, module_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def group_nodes(
 
 
 def _module_group(stack: list[str], depth: int, expand: Sequence[str]) -> Group | None:
-    expanded = next((m for m in stack if any(fnmatch.fnmatchcase(m, g) for g in expand)), None)
+    expanded = next((m for m in stack if module_glob(m, list(expand))), None)
     if expanded is not None:
         return Group("cluster", expanded)
     if len(stack) >= depth:
