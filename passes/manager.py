@@ -12,6 +12,7 @@ from torch import fx
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import OptionError
 from torchgraft.ir.errors import RewriteError
+from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.pattern import target_name
 from torchgraft.ir.rewriter import GraphEditor, RuleApplier
 from torchgraft.passes.checks import (
@@ -25,7 +26,7 @@ from torchgraft.passes.ordering import order_plan
 from torchgraft.passes.plan import HandlerEntry, HandlerSpec, build_plan, instantiate
 from torchgraft.passes.problems import CheckError, Problem, error_problem
 from torchgraft.passes.report import CheckResult, Report
-from torchgraft.passes.verify import Verifier, snapshot
+from torchgraft.passes.verify import Verifier
 
 __all__ = ["HandlerSpec", "PassManager", "instantiate", "op_histogram"]
 
@@ -115,7 +116,7 @@ class PassManager:
         """
         if self.problems:
             return CheckResult(self.order, list(self.problems))
-        work = snapshot(gm)
+        work = copy_graph_module(gm)
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),

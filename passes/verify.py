@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils._pytree import tree_leaves
 
+from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
 from torchgraft.ops.numerics import sqnr
 from torchgraft.passes.plan import Step
@@ -47,20 +48,6 @@ _INDEX_USERS: dict[object, tuple[int, int]] = {
     torch.ops.aten.embedding.default: (1, 0),
     torch.nn.functional.embedding: (0, 1),
 }
-
-
-def snapshot(
-    gm: fx.GraphModule, is_live: Callable[[fx.Node], bool] | None = None
-) -> fx.GraphModule:
-    """A new graph module over a copy of ``gm``'s graph (only the nodes ``is_live`` keeps)
-    that shares ``gm``'s parameters, buffers and submodules."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if is_live is None or is_live(node):
-            env[node] = graph.node_copy(node, env.__getitem__)
-    graph.set_codegen(gm.graph._codegen)
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def random_inputs(gm: fx.GraphModule, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -160,7 +147,7 @@ class Verifier:
             self.results[step.name] = HandlerSqnr(step.name, math.inf, self.total_db, "", tolerance)
             return
         try:
-            current = self._measure(snapshot(self.gm, editor.is_live))
+            current = self._measure(copy_graph_module(self.gm, editor.is_live))
         except Exception as exc:
             self.problems.append(
                 Problem(

@@ -9,8 +9,8 @@ import torch
 from engine_rules import FuseRMSNorm, SiluExpand
 
 import torchgraft as tg
+from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.models import build_llama
-from torchgraft.tools.graph_copy import copy_graph_module
 from torchgraft.tools.ir_dump import add_arguments, dump_ir
 
 

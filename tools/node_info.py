@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch
@@ -24,11 +23,6 @@ def op_label(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module {node.target}"
     return node.op
-
-
-def op_histogram(graph: fx.Graph) -> Counter[str]:
-    """How many nodes of each :func:`op_label` the graph has."""
-    return Counter(op_label(node) for node in graph.nodes)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -23,14 +23,14 @@ from torch import fx
 
 from torchgraft.ir.provenance import META_KEY
 from torchgraft.ir.rewriter import MatchRecord
-from torchgraft.passes.manager import HandlerSpec
+from torchgraft.passes.manager import HandlerSpec, op_histogram
 from torchgraft.passes.report import Report
 from torchgraft.tools import ir_dump
 from torchgraft.tools.folding import Group, group_nodes
 from torchgraft.tools.graph_copy import run_on_copy
 from torchgraft.tools.graph_dot import NodeStyle, render_svg, to_dot
 from torchgraft.tools.html_page import LegendEntry, Panel, build_page
-from torchgraft.tools.node_info import details, is_op, op_histogram
+from torchgraft.tools.node_info import details, is_op
 
 DEFAULT_FOLD_DEPTH: int | None = 2
 """Fold nodes by module at this ``nn_module_stack`` depth (None: draw every node)."""
@@ -156,7 +156,10 @@ def render(
         caption = f"{side}: {len(gm.graph.nodes)} nodes"
         panels.append(Panel(side, caption, svg, _panel_data(styles, groups)))
     hist_before, hist_after = op_histogram(before.graph), op_histogram(after.graph)
-    rows = [(op, hist_before[op], hist_after[op]) for op in sorted(hist_before | hist_after)]
+    rows = [
+        (op, hist_before.get(op, 0), hist_after.get(op, 0))
+        for op in sorted(hist_before | hist_after)
+    ]
     matches = ", ".join(f"{name} {count}" for name, count in report.matches.items())
     page = build_page(
         title=title,
