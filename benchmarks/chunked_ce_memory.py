@@ -33,48 +33,16 @@ Measured on 2 CPU cores (torch 2.13), defaults (8x1024 tokens, V=32000, D=256)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gc
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import torchgraft as tg
 from torchgraft.models import build_llama
+from torchgraft.tools.memory import measure
 
 MiB = 2**20
-
-
-@dataclasses.dataclass
-class Measurement:
-    peak: int
-    largest: int
-    seconds: float
-
-
-def measure(fn):
-    """Run ``fn()``; return its result and a :class:`Measurement`: the peak of live CPU bytes
-    allocated inside it, its largest single allocation and its wall time."""
-    gc.collect()
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    seconds = time.perf_counter() - start
-    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        event = todo.pop()
-        todo.extend(event.children)
-        if event.tag == _EventType.Allocation:
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return result, Measurement(peak, max((size for _, size in events), default=0), seconds)
 
 
 class Head(nn.Module):

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import torchgraft as tg
 from torchgraft.handlers.chunked_loss import ChunkedCrossEntropy
 from torchgraft.handlers.options import OptionError
 from torchgraft.models import build_llama
+from torchgraft.tools.memory import measure
 
 aten = torch.ops.aten
 ops = torch.ops.torchgraft
@@ -108,23 +107,6 @@ def test_opcheck():
     )
 
 
-def _peak_and_largest_allocation(fn) -> tuple[int, int]:
-    """Peak of live CPU bytes allocated inside ``fn`` and its largest single allocation."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    sizes, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        event = todo.pop()
-        todo.extend(event.children)
-        if event.tag == _EventType.Allocation:
-            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
-    live = peak = 0
-    for _, size in sorted(sizes):
-        live += size
-        peak = max(peak, live)
-    return peak, max(size for _, size in sizes)
-
-
 def test_op_never_materializes_the_logits():
     rows, dim, vocab, chunk = 512, 32, 4096, 64
     h, w = _randn(rows, dim, seed=14), _randn(vocab, dim, seed=15)
@@ -137,8 +119,10 @@ def test_op_never_materializes_the_logits():
     def unchunked():
         F.cross_entropy(F.linear(h, w), labels).backward()
 
-    peak, largest = _peak_and_largest_allocation(chunked)
-    ref_peak, ref_largest = _peak_and_largest_allocation(unchunked)
+    _, chunked_memory = measure(chunked)
+    _, unchunked_memory = measure(unchunked)
+    peak, largest = chunked_memory.peak, chunked_memory.largest
+    ref_peak, ref_largest = unchunked_memory.peak, unchunked_memory.largest
     assert ref_largest >= logits_bytes  # the reference does hold the logits
     assert largest <= chunk * vocab * 4 < logits_bytes
     assert peak < logits_bytes / 2 < ref_peak
