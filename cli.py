@@ -33,12 +33,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import option_docs
 from torchgraft.handlers.registry import entry_point_errors, registered
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.pattern import target_name
+
+if TYPE_CHECKING:
+    from torch import fx
+
+    from torchgraft.config import Config
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -196,14 +202,14 @@ def check(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_PROBLEMS
 
 
-def _captured(config):
+def _captured(config: Config) -> fx.GraphModule:
     """Import, build and capture the config's model; returns the graph module."""
     config.import_modules()
     inputs = config.example_inputs()
     return config.capture_model(config.build_model(), inputs)
 
 
-def _dump_ir(config, out_dir: str) -> None:
+def _dump_ir(config: Config, out_dir: str) -> None:
     from torchgraft.tools.ir_dump import dump_ir
 
     paths = dump_ir(_captured(config), list(config.handlers), out_dir)
