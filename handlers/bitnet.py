@@ -1,15 +1,18 @@
 """``bitnet``: BitNet b1.58 linears (``torchgraft::bitnet_linear``), as graph rules.
 
-Every ``aten.linear`` not in ``skip_fqns`` becomes ``torchgraft::bitnet_linear(x, w, b)``:
+Every ``aten.linear`` not in ``skip_fqns`` becomes ``torchgraft::bitnet_linear(x, w, b, kernel)``:
 ternary weights with absmean scale, per-token 8-bit activations, straight-through
 estimator in backward (see :mod:`torchgraft.ops.bitnet`). No shape requirement.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import torchgraft as tg
+from torchgraft.handlers.kernel_option import KernelOption
 from torchgraft.handlers.linear_rules import LinearHandler
 
 __all__ = ["BitNet"]
@@ -27,5 +30,9 @@ class BitNet(LinearHandler):
     was only 0.4-1.0 dB. The verify stage can therefore only catch gross breakage (NaN,
     zeros, a lost scale); the formula itself is tested per op against float64."""
 
+    @dataclasses.dataclass(kw_only=True)
+    class Options(LinearHandler.Options, KernelOption):
+        """The shared linear options plus the int8 GEMM's ``kernel``."""
+
     def quantized_linear(self, x, w, b):
-        return _BITNET_LINEAR(x, w, b)
+        return _BITNET_LINEAR(x, w, b, self.options.kernel)

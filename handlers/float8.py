@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 import torchgraft as tg
+from torchgraft.handlers.kernel_option import KernelOption
 from torchgraft.handlers.linear_rules import LinearHandler
 from torchgraft.ir.provenance import META_KEY
 from torchgraft.ops.float8 import precompute_float8_weight_scales
@@ -52,7 +53,7 @@ class Float8(LinearHandler):
     16.7 dB tensorwise, 19.1 dB rowwise (12 random models and input shapes)."""
 
     @dataclasses.dataclass(kw_only=True)
-    class Options(LinearHandler.Options):
+    class Options(LinearHandler.Options, KernelOption):
         recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
         """``"tensorwise"``: one scale per tensor, e4m3 for activations and weights, e5m2
         for the output gradient. ``"rowwise"``: one power-of-two scale per row along each
@@ -68,7 +69,7 @@ class Float8(LinearHandler):
         return None
 
     def quantized_linear(self, x, w, b):
-        return _FLOAT8_LINEAR(x, w, b, self.options.recipe)
+        return _FLOAT8_LINEAR(x, w, b, self.options.recipe, self.options.kernel)
 
     def post_optimizer_hook(self, model_parts: list[nn.Module]) -> None:
         """Precompute the tensorwise scales of the rewritten weights (an exact equivalence)."""

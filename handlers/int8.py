@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 import torchgraft as tg
+from torchgraft.handlers.kernel_option import KernelOption
 from torchgraft.handlers.linear_rules import LinearHandler
 
 __all__ = ["Int8"]
@@ -30,7 +31,7 @@ class Int8(LinearHandler):
     32.1 dB (training), 32.8 dB (dynamic), 34.2 dB (weight_only)."""
 
     @dataclasses.dataclass(kw_only=True)
-    class Options(LinearHandler.Options):
+    class Options(LinearHandler.Options, KernelOption):
         mode: Literal["weight_only", "dynamic", "training"] = "training"
         """``"training"`` (default): int8 mixed-precision training, the GEMMs selected by the
         three flags below run in int8 on per-row quantized operands. ``"dynamic"``: weights
@@ -54,4 +55,6 @@ class Int8(LinearHandler):
 
     def quantized_linear(self, x, w, b):
         o = self.options
-        return _INT8_LINEAR(x, w, b, o.mode, o.int8_forward, o.int8_grad_input, o.int8_grad_weight)
+        return _INT8_LINEAR(
+            x, w, b, o.mode, o.int8_forward, o.int8_grad_input, o.int8_grad_weight, o.kernel
+        )

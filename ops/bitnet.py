@@ -5,7 +5,8 @@
 * Activations, per token (row along ``K``): ``s = 127 / max(amax_row, 1e-5)``,
   ``x_q = clamp(round(x s), -128, 127)``, ``X̂ = x_q / s`` (the shared int8 quantizer
   computes ``x / (1 / s)``).
-* Forward: ``Y = X̂ Ŵᵀ``, computed as the exact int8 GEMM ``x_q W_tᵀ`` (``torch._int_mm``)
+* Forward: ``Y = X̂ Ŵᵀ``, computed as the exact int8 GEMM ``x_q W_tᵀ`` (``torch._int_mm``,
+  or its exact float32 emulation, as ``kernel`` chooses: :mod:`~torchgraft.ops.kernels`)
   rescaled by ``γ / s`` in float32, then the bias in float32.
 * Backward: straight-through estimator as in the BitNet reference code
   (``x + (quant(x) - x).detach()``): the gradients are those of ``X̂ Ŵᵀ`` treating both
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import check_kernel
 from .linear import (
     as_2d,
     check_linear_args,
@@ -52,12 +54,15 @@ def _quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.library.custom_op("torchgraft::bitnet_linear", mutates_args=())
-def bitnet_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def bitnet_linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel: str = "auto"
+) -> torch.Tensor:
     """``F.linear(x, w, bias)`` as BitNet b1.58 (see the module docstring)."""
     check_linear_args(x, w, bias)
+    check_kernel(kernel)
     x_q, x_scale = _quantize_activations(as_2d(x))
     w_t, gamma = ternary_quantize(w)
-    y = int8_matmul(x_q, w_t.t()).float() * (x_scale * gamma)
+    y = int8_matmul(x_q, w_t.t(), kernel).mul_(x_scale * gamma)
     return finish_linear(y, x, bias)
 
 
@@ -75,7 +80,19 @@ def bitnet_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return (as_2d(grad).float().t() @ (x_q.float() * x_scale)).to(grad.dtype)
 
 
-bitnet_linear.register_fake(fake_linear)
+@bitnet_linear.register_fake
+def _bitnet_linear_fake(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel: str = "auto"
+) -> torch.Tensor:
+    check_kernel(kernel)
+    return fake_linear(x, w, bias)
+
+
 bitnet_linear_grad_input.register_fake(fake_grad_input)
 bitnet_linear_grad_weight.register_fake(fake_grad_weight)
-register_linear_autograd(bitnet_linear, bitnet_linear_grad_input, bitnet_linear_grad_weight)
+# The backward GEMMs are float32 (unquantized dY): ``kernel`` only concerns the forward.
+register_linear_autograd(
+    bitnet_linear,
+    grad_input=lambda grad, w, _kernel: bitnet_linear_grad_input(grad, w),
+    grad_weight=lambda grad, x, _kernel: bitnet_linear_grad_weight(grad, x),
+)

@@ -12,13 +12,11 @@ to float8 and runs ``torch._scaled_mm`` with float32 output:
 
 The bias is added, and its gradient summed, in float32.
 
-GEMM choice: ``torch._scaled_mm`` runs on CPU (torch 2.13) for every shape tried (down to
-``M=3, K=30, N=5``; e4m3 x e4m3, e5m2 x e4m3; tensorwise and rowwise scales) and gives the
-float32 product of the exact float8 values. Measured on 2 CPU cores it costs 1.0-1.25x a
-dequantize-then-``torch.mm`` (e.g. 14.8 ms vs 14.1 ms at 1024^3, 127 ms vs 113 ms at
-2048x4096x1024); it is used because it is the op that maps to float8 tensor cores on GPUs,
-so the CPU path runs the same kernel call. (On CUDA ``_scaled_mm`` has its own shape and
-layout constraints, not exercised here.)
+GEMM kernel (``kernel``: ``"auto"`` | ``"native"`` | ``"emulated"``, see
+:mod:`torchgraft.ops.kernels`): native runs ``torch._scaled_mm`` on the float8 operands,
+emulated multiplies the same float8 values cast back to float32 with the ordinary GEMM and
+rescales the product; ``"auto"`` takes native only where a one-time probe finds it fast
+(CPUs without a float8 kernel run ``_scaled_mm``'s reference loop, ~750x slower than fp32).
 
 Weight-scale cache: :func:`precompute_float8_weight_scales` stores each weight's tensorwise
 e4m3 scale, keyed by the weight object, so the forward and grad-input ops reuse it instead
@@ -35,6 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .kernels import check_kernel, emulated_mm, resolve
 from .linear import (
     as_2d,
     check_linear_args,
@@ -67,9 +66,10 @@ _AMAX_EPS = 1e-12
 _WEIGHT_SCALES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _check_recipe(recipe: str) -> None:
+def _check_recipe(recipe: str, kernel: str) -> None:
     if recipe not in RECIPES:
         raise ValueError(f"float8 recipe must be one of {RECIPES}, got {recipe!r}")
+    check_kernel(kernel)
 
 
 def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,13 +133,16 @@ def _float8_mm(
     b: torch.Tensor,
     a_dtype: torch.dtype,
     recipe: str,
+    kernel: str,
     b_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]``; ``b`` is always e4m3.
 
     Rowwise scales are taken along the contraction dim ``K``. ``b_scale`` overrides the
-    tensorwise scale of ``b`` (the cached weight scale).
+    tensorwise scale of ``b`` (the cached weight scale). ``kernel`` picks the GEMM
+    (:func:`torchgraft.ops.kernels.resolve`).
     """
+    input_dtype = a.dtype
     a = a.float()
     b = b.float()
     if recipe == "tensorwise":
@@ -151,13 +154,12 @@ def _float8_mm(
         b_scale = _rowwise_scale(b, dim=0)
     a8 = saturating_cast(a * a_scale, a_dtype)
     b8 = saturating_cast(b * b_scale, _E4M3)
-    return torch._scaled_mm(
-        a8,
-        b8,
-        scale_a=a_scale.reciprocal(),
-        scale_b=b_scale.reciprocal(),
-        out_dtype=torch.float32,
-    )
+    a_inverse, b_inverse = a_scale.reciprocal(), b_scale.reciprocal()
+    if resolve(kernel, "float8", a.device, (a_dtype, _E4M3)) == "native":
+        return torch._scaled_mm(
+            a8, b8, scale_a=a_inverse, scale_b=b_inverse, out_dtype=torch.float32
+        )
+    return emulated_mm(a8, b8, input_dtype).mul_(a_inverse).mul_(b_inverse)
 
 
 def _grad_dtype(recipe: str) -> torch.dtype:
@@ -166,36 +168,44 @@ def _grad_dtype(recipe: str) -> torch.dtype:
 
 @torch.library.custom_op("torchgraft::float8_linear", mutates_args=())
 def float8_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str, kernel: str = "auto"
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` with float8 GEMMs; ``recipe`` is ``"tensorwise"`` or
-    ``"rowwise"`` (see the module docstring)."""
+    ``"rowwise"``, ``kernel`` ``"auto"``, ``"native"`` or ``"emulated"`` (see the module
+    docstring)."""
     check_linear_args(x, w, bias)
-    _check_recipe(recipe)
-    y = _float8_mm(as_2d(x), w.t(), _E4M3, recipe, b_scale=_weight_scale(w, recipe))
+    _check_recipe(recipe, kernel)
+    y = _float8_mm(as_2d(x), w.t(), _E4M3, recipe, kernel, b_scale=_weight_scale(w, recipe))
     return finish_linear(y, x, bias)
 
 
 @torch.library.custom_op("torchgraft::float8_linear_grad_input", mutates_args=())
-def float8_linear_grad_input(grad: torch.Tensor, w: torch.Tensor, recipe: str) -> torch.Tensor:
+def float8_linear_grad_input(
+    grad: torch.Tensor, w: torch.Tensor, recipe: str, kernel: str = "auto"
+) -> torch.Tensor:
     """``dX = Q(dY) Q(W)``, contraction over ``N``."""
-    _check_recipe(recipe)
-    dx = _float8_mm(as_2d(grad), w, _grad_dtype(recipe), recipe, b_scale=_weight_scale(w, recipe))
+    _check_recipe(recipe, kernel)
+    dx = _float8_mm(
+        as_2d(grad), w, _grad_dtype(recipe), recipe, kernel, b_scale=_weight_scale(w, recipe)
+    )
     return finish_grad_input(dx, grad)
 
 
 @torch.library.custom_op("torchgraft::float8_linear_grad_weight", mutates_args=())
-def float8_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, recipe: str) -> torch.Tensor:
+def float8_linear_grad_weight(
+    grad: torch.Tensor, x: torch.Tensor, recipe: str, kernel: str = "auto"
+) -> torch.Tensor:
     """``dW = Q(dY)ᵀ Q(X)``, contraction over the tokens ``M``."""
-    _check_recipe(recipe)
-    return _float8_mm(as_2d(grad).t(), as_2d(x), _grad_dtype(recipe), recipe).to(grad.dtype)
+    _check_recipe(recipe, kernel)
+    dw = _float8_mm(as_2d(grad).t(), as_2d(x), _grad_dtype(recipe), recipe, kernel)
+    return dw.to(grad.dtype)
 
 
 @float8_linear.register_fake
 def _float8_linear_fake(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str, kernel: str = "auto"
 ) -> torch.Tensor:
-    _check_recipe(recipe)
+    _check_recipe(recipe, kernel)
     return fake_linear(x, w, bias)
 
 

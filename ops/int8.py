@@ -2,8 +2,9 @@
 
 Quantization is symmetric absmax int8 per row (:func:`~torchgraft.ops.quant.int8_absmax_quantize`):
 ``s = amax_row / 127``, ``q = clamp(round(t / s), -128, 127)``. Int8 GEMMs run through
-``torch._int_mm`` (exact int32 accumulation; see :func:`~torchgraft.ops.quant.int8_matmul`
-for its shape constraints) and are rescaled by both operands' scales in float32. An int8
+``torch._int_mm`` (exact int32 accumulation) or its exact float32 emulation, as ``kernel``
+chooses (:func:`~torchgraft.ops.quant.int8_matmul`, :mod:`~torchgraft.ops.kernels`), and are
+rescaled by both operands' scales in float32. An int8
 GEMM quantizes each operand per row *along that GEMM's contraction dimension*.
 
 Modes (``mode``):
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import check_kernel
 from .linear import (
     as_2d,
     check_linear_args,
@@ -45,7 +47,8 @@ __all__ = ["MODES", "int8_linear", "int8_linear_grad_input", "int8_linear_grad_w
 MODES = ("weight_only", "dynamic", "training")
 
 
-def _check_mode(mode: str, *flags: bool) -> None:
+def _check_mode(mode: str, kernel: str, *flags: bool) -> None:
+    check_kernel(kernel)
     if mode not in MODES:
         raise ValueError(f"int8 mode must be one of {MODES}, got {mode!r}")
     if mode != "training" and not all(flags):
@@ -58,11 +61,11 @@ def _dequantized(t: torch.Tensor, dim: int) -> torch.Tensor:
     return q.float() * scale
 
 
-def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _int8_mm(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
     """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]``, both quantized along ``K``."""
     qa, sa = int8_absmax_quantize(a, dim=1)
     qb, sb = int8_absmax_quantize(b, dim=0)
-    return int8_matmul(qa, qb).float() * sa * sb
+    return int8_matmul(qa, qb, kernel).mul_(sa).mul_(sb)
 
 
 @torch.library.custom_op("torchgraft::int8_linear", mutates_args=())
@@ -74,16 +77,17 @@ def int8_linear(
     int8_forward: bool = True,
     int8_grad_input: bool = True,
     int8_grad_weight: bool = True,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` with int8 quantization; ``mode`` is ``"weight_only"``,
-    ``"dynamic"`` or ``"training"`` (see the module docstring)."""
+    ``"dynamic"`` or ``"training"``, ``kernel`` the int8 GEMM's (see the module docstring)."""
     check_linear_args(x, w, bias)
-    _check_mode(mode, int8_forward, int8_grad_input, int8_grad_weight)
+    _check_mode(mode, kernel, int8_forward, int8_grad_input, int8_grad_weight)
     x2d = as_2d(x)
     if mode == "weight_only":
         y = x2d.float() @ _dequantized(w, dim=1).t()
     elif int8_forward:
-        y = _int8_mm(x2d, w.t())
+        y = _int8_mm(x2d, w.t(), kernel)
     else:
         y = x2d.float() @ w.float().t()
     return finish_linear(y, x, bias)
@@ -91,15 +95,15 @@ def int8_linear(
 
 @torch.library.custom_op("torchgraft::int8_linear_grad_input", mutates_args=())
 def int8_linear_grad_input(
-    grad: torch.Tensor, w: torch.Tensor, mode: str, int8_grad_input: bool
+    grad: torch.Tensor, w: torch.Tensor, mode: str, int8_grad_input: bool, kernel: str = "auto"
 ) -> torch.Tensor:
     """``dX`` of :func:`int8_linear` (``dY W``; contraction over ``N``)."""
-    _check_mode(mode, int8_grad_input)
+    _check_mode(mode, kernel, int8_grad_input)
     g = as_2d(grad)
     if mode != "training":
         dx = g.float() @ _dequantized(w, dim=1)
     elif int8_grad_input:
-        dx = _int8_mm(g, w)
+        dx = _int8_mm(g, w, kernel)
     else:
         dx = g.float() @ w.float()
     return finish_grad_input(dx, grad)
@@ -107,16 +111,16 @@ def int8_linear_grad_input(
 
 @torch.library.custom_op("torchgraft::int8_linear_grad_weight", mutates_args=())
 def int8_linear_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, mode: str, int8_grad_weight: bool
+    grad: torch.Tensor, x: torch.Tensor, mode: str, int8_grad_weight: bool, kernel: str = "auto"
 ) -> torch.Tensor:
     """``dW`` of :func:`int8_linear` (``dYᵀ X``; contraction over the tokens ``M``)."""
-    _check_mode(mode, int8_grad_weight)
+    _check_mode(mode, kernel, int8_grad_weight)
     g = as_2d(grad)
     x2d = as_2d(x)
     if mode == "dynamic":
         dw = g.float().t() @ _dequantized(x2d, dim=1)
     elif mode == "training" and int8_grad_weight:
-        dw = _int8_mm(g.t(), x2d)
+        dw = _int8_mm(g.t(), x2d, kernel)
     else:
         dw = g.float().t() @ x2d.float()
     return dw.to(grad.dtype)
@@ -131,8 +135,9 @@ def _int8_linear_fake(
     int8_forward: bool = True,
     int8_grad_input: bool = True,
     int8_grad_weight: bool = True,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    _check_mode(mode, int8_forward, int8_grad_input, int8_grad_weight)
+    _check_mode(mode, kernel, int8_forward, int8_grad_input, int8_grad_weight)
     return fake_linear(x, w, bias)
 
 
@@ -140,10 +145,10 @@ int8_linear_grad_input.register_fake(fake_grad_input)
 int8_linear_grad_weight.register_fake(fake_grad_weight)
 register_linear_autograd(
     int8_linear,
-    grad_input=lambda grad, w, mode, _fwd, int8_grad_input, _gw: int8_linear_grad_input(
-        grad, w, mode, int8_grad_input
+    grad_input=lambda grad, w, mode, _fwd, int8_grad_input, _gw, kernel: int8_linear_grad_input(
+        grad, w, mode, int8_grad_input, kernel
     ),
-    grad_weight=lambda grad, x, mode, _fwd, _gi, int8_grad_weight: int8_linear_grad_weight(
-        grad, x, mode, int8_grad_weight
+    grad_weight=lambda grad, x, mode, _fwd, _gi, int8_grad_weight, kernel: int8_linear_grad_weight(
+        grad, x, mode, int8_grad_weight, kernel
     ),
 )

@@ -3,13 +3,15 @@
 Only what more than one format needs lives here: the saturating float8 cast (float8 and
 mxfp8 elements), exact power-of-two exponents (float8 rowwise scales and MX block scales),
 symmetric absmax int8 quantization (int8 and BitNet activations) and the int8 GEMM (int8
-and BitNet). Everything computes in float32 unless stated otherwise.
+and BitNet; native or emulated, :mod:`.kernels`). Everything computes in float32 unless stated otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import emulated_mm, resolve
 
 __all__ = ["floor_log2", "int8_absmax_quantize", "int8_matmul", "saturating_cast"]
 
@@ -60,15 +62,19 @@ def int8_absmax_quantize(
     return q, scale
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 x int8 -> int32 matrix product ``a @ b`` through ``torch._int_mm``.
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """int8 x int8 matrix product ``a @ b`` as float32, for ``a [M, K]``, ``b [K, N]``.
 
-    ``a`` is ``[M, K]`` and ``b`` ``[K, N]``. The operands are zero-padded to the CUDA
-    kernel's constraints (``M > 16``, ``K`` and ``N`` multiples of 8) and the result is
-    sliced back; zero rows/columns add nothing to the integer dot products, so this is
-    exact. The CPU kernel needs no padding, but padding unconditionally keeps one code
-    path on every device; on CPU it costs a copy of the operands only for those shapes.
+    ``kernel`` (:func:`torchgraft.ops.kernels.resolve`) picks the GEMM. Native:
+    ``torch._int_mm`` with exact int32 accumulation; the operands are zero-padded to the
+    CUDA kernel's constraints (``M > 16``, ``K`` and ``N`` multiples of 8) and the result
+    sliced back (zero rows/columns add nothing to the integer dot products, so this is exact;
+    the CPU kernel needs no padding, but one code path serves every device). Emulated: the
+    same integers multiplied by the float32 GEMM, exact while partial sums stay below
+    ``2**24`` (``K <= 1040`` for any int8 values), float32 rounding beyond.
     """
+    if resolve(kernel, "int8", a.device, (torch.int8, torch.int8)) == "emulated":
+        return emulated_mm(a, b, torch.float32)
     m, k = a.shape
     n = b.shape[1]
     pad_m = max(_INT_MM_MIN_ROWS - m, 0)
@@ -77,4 +83,4 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if pad_m or pad_k or pad_n:
         a = F.pad(a, (0, pad_k, 0, pad_m))
         b = F.pad(b, (0, pad_n, 0, pad_k))
-    return torch._int_mm(a, b)[:m, :n]
+    return torch._int_mm(a, b)[:m, :n].float()

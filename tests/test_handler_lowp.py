@@ -160,7 +160,7 @@ def test_options_are_typed_and_validated():
     plan = [{"int8": {"mode": "training", "int8_grad_weight": False}}]
     tg.PassManager(plan).run(gm)
     node = next(n for n in gm.graph.nodes if n.target == ops.int8_linear.default)
-    assert node.args[3:] == ("training", True, True, False)
+    assert node.args[3:] == ("training", True, True, False, "auto")
 
 
 def test_sqnr_tolerances():

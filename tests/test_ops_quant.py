@@ -32,14 +32,15 @@ def test_floor_log2_is_exact_next_to_powers_of_two() -> None:
     assert torch.equal(floor_log2(below), torch.arange(-127, 126, 7, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("kernel", ["native", "emulated"])
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 3, 5), (7, 36, 20), (17, 8, 8), (40, 64, 48)])
-def test_int8_matmul_is_exact_for_any_shape(m: int, k: int, n: int) -> None:
+def test_int8_matmul_is_exact_for_any_shape(m: int, k: int, n: int, kernel: str) -> None:
     gen = torch.Generator().manual_seed(m * k * n)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen).t()  # column-major
-    got = int8_matmul(a, b)
-    assert got.dtype == torch.int32 and got.shape == (m, n)
-    assert torch.equal(got, (a.long() @ b.long()).int())
+    got = int8_matmul(a, b, kernel)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.equal(got, (a.long() @ b.long()).float())
 
 
 def test_int8_absmax_quantize_rows_and_zero_rows() -> None:
