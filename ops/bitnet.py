@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import check_kernel
+from .kernels import check_kernel, int8_matmul
 from .linear import (
     as_2d,
     check_linear_args,
@@ -29,7 +29,7 @@ from .linear import (
     finish_linear,
     register_linear_autograd,
 )
-from .quant import int8_absmax_quantize, int8_matmul
+from .quant import int8_absmax_quantize
 
 __all__ = [
     "bitnet_linear",

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernels import check_kernel, emulated_mm, resolve
+from .kernels import check_kernel, float8_matmul
 from .linear import (
     as_2d,
     check_linear_args,
@@ -140,7 +140,7 @@ def _float8_mm(
 
     Rowwise scales are taken along the contraction dim ``K``. ``b_scale`` overrides the
     tensorwise scale of ``b`` (the cached weight scale). ``kernel`` picks the GEMM
-    (:func:`torchgraft.ops.kernels.resolve`).
+    (:func:`torchgraft.ops.kernels.float8_matmul`).
     """
     input_dtype = a.dtype
     a = a.float()
@@ -154,12 +154,7 @@ def _float8_mm(
         b_scale = _rowwise_scale(b, dim=0)
     a8 = saturating_cast(a * a_scale, a_dtype)
     b8 = saturating_cast(b * b_scale, _E4M3)
-    a_inverse, b_inverse = a_scale.reciprocal(), b_scale.reciprocal()
-    if resolve(kernel, "float8", a.device, (a_dtype, _E4M3)) == "native":
-        return torch._scaled_mm(
-            a8, b8, scale_a=a_inverse, scale_b=b_inverse, out_dtype=torch.float32
-        )
-    return emulated_mm(a8, b8, input_dtype).mul_(a_inverse).mul_(b_inverse)
+    return float8_matmul(a8, b8, a_scale.reciprocal(), b_scale.reciprocal(), kernel, input_dtype)
 
 
 def _grad_dtype(recipe: str) -> torch.dtype:

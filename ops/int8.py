@@ -3,7 +3,7 @@
 Quantization is symmetric absmax int8 per row (:func:`~torchgraft.ops.quant.int8_absmax_quantize`):
 ``s = amax_row / 127``, ``q = clamp(round(t / s), -128, 127)``. Int8 GEMMs run through
 ``torch._int_mm`` (exact int32 accumulation) or its exact float32 emulation, as ``kernel``
-chooses (:func:`~torchgraft.ops.quant.int8_matmul`, :mod:`~torchgraft.ops.kernels`), and are
+chooses (:func:`~torchgraft.ops.kernels.int8_matmul`, :mod:`~torchgraft.ops.kernels`), and are
 rescaled by both operands' scales in float32. An int8
 GEMM quantizes each operand per row *along that GEMM's contraction dimension*.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import check_kernel
+from .kernels import check_kernel, int8_matmul
 from .linear import (
     as_2d,
     check_linear_args,
@@ -40,7 +40,7 @@ from .linear import (
     finish_linear,
     register_linear_autograd,
 )
-from .quant import int8_absmax_quantize, int8_matmul
+from .quant import int8_absmax_quantize
 
 __all__ = ["MODES", "int8_linear", "int8_linear_grad_input", "int8_linear_grad_weight"]
 

@@ -13,7 +13,8 @@ The float8 and int8 GEMMs have two implementations with the same numerics:
   int8 values multiplied in higher precision; only the summation order differs (float32
   rounding, > 100 dB agreement, tested per op).
 
-:func:`resolve` picks one per ``(kind, device, operand dtypes)``: ``"native"`` or
+:func:`float8_matmul` and :func:`int8_matmul` run the GEMM on the path that
+:func:`resolve` picks per ``(kind, device, operand dtypes)``: ``"native"`` or
 ``"emulated"`` when forced, otherwise (``"auto"``) a one-time probe times both on a small
 GEMM on that device and keeps native only when it is at least about as fast
 (:data:`NATIVE_SLOWDOWN_ALLOWED`); a native kernel that raises is never chosen. The choice
@@ -40,6 +41,9 @@ from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+
+from .quant import float8_to_float32
 
 __all__ = [
     "KERNELS",
@@ -47,7 +51,8 @@ __all__ = [
     "ProbeResult",
     "check_kernel",
     "clear_cache",
-    "emulated_mm",
+    "float8_matmul",
+    "int8_matmul",
     "resolve",
     "use_probe",
 ]
@@ -62,6 +67,11 @@ NATIVE_SLOWDOWN_ALLOWED = 1.25
 """``auto`` keeps the native kernel while it takes at most this many times the emulation's
 time on the probe GEMM (the native path also saves the higher-precision operand copies)."""
 
+# ``torch._int_mm`` constraints of the CUDA kernel (aten/src/ATen/native/cuda/Blas.cpp):
+# rows of the first operand > 16, contraction and output columns multiples of 8.
+# The CPU kernel accepts any shape (checked with torch 2.13 down to 1x1x1).
+_INT_MM_MIN_ROWS = 17
+_INT_MM_MULTIPLE = 8
 _ENV_VAR = "TORCHGRAFT_KERNEL"
 _PROBE_SHAPE = (128, 256, 256)  # M, K, N: a CPU's float8 reference kernel takes ~0.25 s
 _PROBE_REPEATS = 5
@@ -108,16 +118,53 @@ def resolve(
     return choice
 
 
-def emulated_mm(a_q: torch.Tensor, b_q: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
-    """float32 ``a_q @ b_q`` of quantized (float8 or int8) operands, multiplied by the
-    ordinary GEMM: in float32, or in bfloat16 on an accelerator when the op's input is
-    bfloat16 (every float8 value is exact in bfloat16; the GEMM accumulates in float32)."""
-    compute = (
-        torch.bfloat16
-        if input_dtype == torch.bfloat16 and a_q.device.type != "cpu"
-        else torch.float32
-    )
-    return (a_q.to(compute) @ b_q.to(compute)).float()
+def float8_matmul(
+    a8: torch.Tensor,
+    b8: torch.Tensor,
+    a_inverse: torch.Tensor,
+    b_inverse: torch.Tensor,
+    kernel: str,
+    input_dtype: torch.dtype,
+) -> torch.Tensor:
+    """float32 ``(a8 @ b8) * a_inverse * b_inverse`` for float8 ``a8 [M, K]``, ``b8 [K, N]``
+    (``b8`` column-major) and their inverse scales (0-dim, or ``[M, 1]`` / ``[1, N]``).
+
+    Native: ``torch._scaled_mm``. Emulated: the float8 values in float32 (or in bfloat16 on
+    an accelerator when the op's input ``input_dtype`` is bfloat16: every float8 value is
+    exact there and the GEMM accumulates in float32), the ordinary GEMM, then the scales.
+    """
+    if resolve(kernel, "float8", a8.device, (a8.dtype, b8.dtype)) == "native":
+        return torch._scaled_mm(
+            a8, b8, scale_a=a_inverse, scale_b=b_inverse, out_dtype=torch.float32
+        )
+    if input_dtype == torch.bfloat16 and a8.device.type != "cpu":
+        product = (a8.to(torch.bfloat16) @ b8.to(torch.bfloat16)).float()
+    else:
+        product = float8_to_float32(a8) @ float8_to_float32(b8)
+    return product.mul_(a_inverse).mul_(b_inverse)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """int8 x int8 matrix product ``a @ b`` as float32, for ``a [M, K]``, ``b [K, N]``.
+
+    Native: ``torch._int_mm`` with exact int32 accumulation; the operands are zero-padded
+    to the CUDA kernel's constraints (``M > 16``, ``K`` and ``N`` multiples of 8) and the
+    result sliced back (zero rows/columns add nothing to the integer dot products, so this
+    is exact; the CPU kernel needs no padding, but one code path serves every device).
+    Emulated: the same integers multiplied by the float32 GEMM, exact while partial sums
+    stay below ``2**24`` (``K <= 1040`` for any int8 values), float32 rounding beyond.
+    """
+    if resolve(kernel, "int8", a.device, (torch.int8, torch.int8)) == "emulated":
+        return a.float() @ b.float()
+    m, k = a.shape
+    n = b.shape[1]
+    pad_m = max(_INT_MM_MIN_ROWS - m, 0)
+    pad_k = -k % _INT_MM_MULTIPLE
+    pad_n = -n % _INT_MM_MULTIPLE
+    if pad_m or pad_k or pad_n:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+        b = F.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a, b)[:m, :n].float()
 
 
 def clear_cache() -> None:
@@ -213,6 +260,8 @@ def _measure(
             return torch._int_mm(a_q, b_q)
 
     def emulated() -> torch.Tensor:
+        if kind == "float8":
+            return float8_to_float32(a_q) @ float8_to_float32(b_q)
         return a_q.float() @ b_q.float()
 
     with _one_cpu_thread(device):

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torchgraft.ops.kernels import int8_matmul
 from torchgraft.ops.mx import mx_fake_quantize, round_to_fp4_e2m1
-from torchgraft.ops.quant import floor_log2, int8_absmax_quantize, int8_matmul, saturating_cast
+from torchgraft.ops.quant import (
+    float8_to_float32,
+    floor_log2,
+    int8_absmax_quantize,
+    saturating_cast,
+)
 
 
 def test_fp4_rounding_ties_to_even_and_saturates() -> None:
@@ -75,3 +81,13 @@ def test_mx_ragged_last_block_equals_zero_padding() -> None:
     padded = torch.cat([t, torch.zeros(24, 3)])
     for fmt in ("mxfp8", "mxfp4"):
         assert torch.equal(mx_fake_quantize(t, fmt, 0), mx_fake_quantize(padded, fmt, 0)[:40])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_to_float32_equals_torch_conversion_for_every_byte(dtype):
+    codes = torch.arange(256, dtype=torch.uint8)
+    every = torch.stack([codes, codes.flip(0)]).view(dtype).t()  # non-contiguous, 2-D
+    torch.testing.assert_close(
+        float8_to_float32(every), every.float(), rtol=0, atol=0, equal_nan=True
+    )
+    assert float8_to_float32(every).shape == every.shape
