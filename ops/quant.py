@@ -38,9 +38,10 @@ def float8_to_float32(t: torch.Tensor) -> torch.Tensor:
     On CPU torch converts float8 element by element (measured: 362 us for 512x256 values on
     one core, more than half a 512x256x256 float32 GEMM); looking the 256 possible bytes up
     in a table made by that same conversion gives identical values in 58 us. Elsewhere the
-    conversion is a native kernel and is used as it is.
+    conversion is a native kernel and is used as it is, as it is for tensor subclasses
+    (DTensor: the table would be a plain tensor among distributed ones).
     """
-    if t.device.type != "cpu":
+    if t.device.type != "cpu" or type(t) is not torch.Tensor:
         return t.float()
     key = (t.dtype, t.device)
     table = _FLOAT8_VALUES.get(key)

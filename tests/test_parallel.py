@@ -120,13 +120,39 @@ def test_training_matches_single_process():
         if name.endswith("fp32"):
             torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0, msg=name)
         else:
-            worst = min(sqnr(out, ref) for out, ref in zip(logits, ref_logits))
-            assert worst >= 40.0, f"{name}: logits SQNR {worst:.1f} dB"
+            _assert_as_accurate_as_one_process(
+                name, logits, ref_logits, reference["fp32", MESHES[mesh].get("fsdp", 1)][1]
+            )
         # Under tensor parallelism (sequence parallel), per block, the inputs of the attention
         # and feed-forward float8 linears are gathered as float8, and so are the gradients
         # of their two reduce-scattered outputs: 4 per block, 2 blocks.
         expected = 8 if "tp" in MESHES[mesh] and precision == "float8" else 0
         assert float8_collectives == expected, name
+
+
+# 20·log10(2): ‖a − b‖ ≤ ‖a − r‖ + ‖b − r‖, and two errors of the same size at most double.
+TRIANGLE_DB = 6.03
+
+
+def _assert_as_accurate_as_one_process(name, logits, single_logits, fp32_logits):
+    """Judge a distributed low-precision run by the single-process one, not bit for bit.
+
+    Sharding changes the float32 summation order (partial sums, all-reduces), which moves
+    some values across a float8 rounding boundary, so a few elements round one float8 step
+    differently; which ones depends on the GEMM kernel. What must hold: per step, the
+    distributed logits are as close to the float32 run's as the single-process float8 ones
+    (within 1 dB), and hence (triangle inequality) differ from them by at most twice that
+    error (``TRIANGLE_DB``)."""
+    for step, (out, single, fp32) in enumerate(zip(logits, single_logits, fp32_logits)):
+        error_db, single_error_db = sqnr(out, fp32), sqnr(single, fp32)
+        assert error_db >= single_error_db - 1.0, (
+            f"{name} step {step}: {error_db:.1f} dB from fp32, one process {single_error_db:.1f}"
+        )
+        gap_db = sqnr(out, single)
+        assert gap_db >= single_error_db - TRIANGLE_DB, (
+            f"{name} step {step}: {gap_db:.1f} dB from one process, whose error is "
+            f"{single_error_db:.1f} dB"
+        )
 
 
 def test_quantized_linears_sharded_equal_the_single_process_op():
@@ -200,5 +226,15 @@ def test_torchrun_trains_the_config_like_one_process(tmp_path, name):
     assert done.returncode == 0, done.stderr[-3000:]
     losses = json.loads((tmp_path / name / "metrics.json").read_text())["losses"]
     config = dataclasses.replace(load_config(config_path), parallel=ParallelConfig())
-    single = run_job(config, steps=3, out_dir=tmp_path / "single", progress=False)
-    torch.testing.assert_close(losses, single.train.losses, rtol=1e-5, atol=0)
+    single = run_job(config, steps=3, out_dir=tmp_path / "single", progress=False).train.losses
+    if not config.handlers:
+        torch.testing.assert_close(losses, single, rtol=1e-5, atol=0)
+        return
+    # A low-precision plan: sharding moves some values across a rounding boundary (see
+    # _assert_as_accurate_as_one_process), so the gap to one process is bounded by what the
+    # conversion itself changes in the loss, measured against the unconverted run.
+    unconverted = dataclasses.replace(config, handlers=())
+    fp32 = run_job(unconverted, steps=3, out_dir=tmp_path / "fp32", progress=False).train.losses
+    for step, (loss, one, full) in enumerate(zip(losses, single, fp32)):
+        bound = 2 * abs(one - full) + 1e-6 * abs(full)
+        assert abs(loss - one) <= bound, f"step {step}: {loss} vs {one} (fp32 {full})"

@@ -10,6 +10,7 @@ import pytest
 
 from torchgraft import cli
 from torchgraft.config import load_config
+from torchgraft.train.strict_json import dumps_strict
 
 TINY = """
 model:
@@ -43,13 +44,18 @@ def write_config(
     return path
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"metrics.json is not strict JSON: it contains {name}")
+
+
 def test_run_writes_metrics_and_loss_plot(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(
         ["run", str(write_config(tmp_path)), "--steps", "4", "--out", str(out), "--no-progress"]
     )
     assert code == 0, capsys.readouterr().err
-    metrics = json.loads((out / "metrics.json").read_text())
+    # strict JSON, as JSON.parse reads it: NaN / Infinity are refused
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=_refuse_constant)
     assert metrics["steps"] == 4 and len(metrics["losses"]) == 4
     assert all(isinstance(x, float) and math.isfinite(x) for x in metrics["losses"])
     # applied order: chunked_cross_entropy declares that it runs before float8
@@ -59,7 +65,10 @@ def test_run_writes_metrics_and_loss_plot(tmp_path, capsys):
         {"name": "float8", "matches": 14},
     ]
     assert metrics["tokens_per_s"] > 0 and len(metrics["baseline_losses"]) == 4
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (840, 720)  # two panels: the curves, and converted - baseline
     assert not (tmp_path / "from_config").exists()  # --out overrides output.dir
     printed = capsys.readouterr().out
     assert "trained 4 steps" in printed and "float8" in printed
@@ -105,3 +114,20 @@ def test_transformers_llama_runs_with_float8_and_chunked_loss(tmp_path, capsys):
         "chunked_cross_entropy": 1,
         "float8": 14,
     }
+
+
+def test_metrics_json_names_what_was_not_finite():
+    text = dumps_strict(
+        {
+            "losses": [2.5, math.nan, 2.25],
+            "sqnr_db": [{"name": "exact", "step_db": math.inf, "total_db": -math.inf}],
+            "tokens_per_s": 10.0,
+        }
+    )
+    data = json.loads(text, parse_constant=_refuse_constant)
+    assert data["losses"] == [2.5, None, 2.25]
+    assert data["losses_why"] == "entries [1] are null: not finite (nan)"
+    exact = data["sqnr_db"][0]
+    assert exact["step_db"] is None and "exact" in exact["step_db_why"]
+    assert exact["total_db"] is None and "zeros" in exact["total_db_why"]
+    assert data["tokens_per_s"] == 10.0 and "tokens_per_s_why" not in data

@@ -4,7 +4,6 @@ train, and write ``metrics.json`` (and ``loss.png`` against the unconverted base
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from torchgraft.passes.parallelize import data_parallel_degree, parallelize
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
 from torchgraft.train.loop import TrainResult, train
+from torchgraft.train.strict_json import dumps_strict
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT_FILE = "loss.png"
@@ -66,16 +66,16 @@ def run_job(
     if not is_main_process():
         return JobResult(out, report, result, baseline, metrics)
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / METRICS_FILE).write_text(dumps_strict(metrics) + "\n", encoding="utf-8")
     if baseline is not None:
         from torchgraft.train.plot import plot_losses
 
+        rewrote = [name for name, count in report.matches.items() if count]
+        converted = f"converted ({' + '.join(rewrote) or 'nothing rewritten'})"
         plot_losses(
-            {
-                "converted (" + " + ".join(report.order) + ")": result.losses,
-                "baseline": baseline.losses,
-            },
+            {converted: result.losses, "baseline": baseline.losses},
             out / LOSS_PLOT_FILE,
+            reference="baseline",
         )
     return JobResult(out, report, result, baseline, metrics)
 
