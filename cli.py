@@ -40,6 +40,7 @@ from torchgraft.handlers.options import option_docs
 from torchgraft.handlers.registry import entry_point_errors, registered
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.pattern import target_name
+from torchgraft.tools.plain_text import plain_text
 
 if TYPE_CHECKING:
     from torch import fx
@@ -286,10 +287,9 @@ def list_handlers(args: argparse.Namespace) -> int:
 
 def describe_handler(name: str, cls: type[Handler]) -> str:
     """The ``torchgraft list`` entry of one handler."""
-    doc = (cls.__doc__ or "").strip().splitlines()
+    summary = plain_text(cls.__doc__ or "", width=86).split("\n\n")[0]
     lines = [f"{name}  ({cls.__module__}.{cls.__qualname__})"]
-    if doc:
-        lines.append(f"  {doc[0]}")
+    lines.extend(f"  {line}" for line in summary.splitlines())
     order = [
         f"{attribute} {', '.join(getattr(cls, attribute))}"
         for attribute in ("requires", "after", "before")
@@ -306,5 +306,5 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
     lines.append("  options:" if options else "  options: none")
     for option in options:
         lines.append(f"    {option.name}: {option.type} = {option.default}")
-        lines.extend(f"        {line}" for line in option.doc.splitlines())
+        lines.extend(f"        {line}" for line in plain_text(option.doc, width=80).splitlines())
     return "\n".join(lines)

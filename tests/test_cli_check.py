@@ -14,6 +14,7 @@ import pytest
 
 import torchgraft as tg
 from torchgraft.cli import main
+from torchgraft.tools.plain_text import plain_text
 
 TESTS = Path(__file__).parent
 
@@ -168,6 +169,20 @@ def test_list_shows_handlers(capsys):
     assert "order: after t_linear_matmul" in out
     code, _, err = run(["list", "--import", "no_such_mod"], capsys)
     assert code == 2 and "cannot import 'no_such_mod'" in err
+
+
+def test_list_prints_plain_text_not_restructuredtext(capsys):
+    code, out, _ = run(["list"], capsys)
+    assert code == 0 and "float8  (torchgraft.handlers.float8.Float8)" in out
+    for markup in ("``", ":func:", ":class:", ":mod:", ":meth:"):
+        assert markup not in out, markup
+    assert "the FQN (see torchgraft.ir.provenance.module_glob)" in out
+    assert max(len(line) for line in out.splitlines() if "(/" not in line) <= 90
+
+
+def test_plain_text_drops_roles_literals_and_emphasis():
+    doc = "Uses :func:`~a.b.c` and :class:`x.Y`, ``z = 1`` and *only* **this**.\n\n    code  kept"
+    assert plain_text(doc) == "Uses c and x.Y, z = 1 and only this.\n\n    code  kept"
 
 
 def test_testing_helpers(tmp_path):
