@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import statistics
 import sys
@@ -160,6 +161,8 @@ def main() -> None:
     args.warmup = max(args.warmup, 1)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.no_torchao and importlib.util.find_spec("torchao") is None:
+        parser.error("torchao is not installed: pip install -e '.[bench]', or pass --no-torchao")
     candidates = [*CONFIGS, *([] if args.no_torchao else TORCHAO)]
     names = [
         n for n in candidates if not args.only or n == BASELINE or any(o in n for o in args.only)
@@ -206,10 +209,6 @@ def main() -> None:
             run = runs.get((name, "compiled"))
             row.append("-" if run is None else f"{run.first_s - run.step_s:.1f}")
         rows.append(row)
-    for alternative in (n for n in TORCHAO if n in names):
-        for name in (n for n in names if n.startswith("float8 tensorwise")):
-            ratio = runs[name, "eager"].step_s / runs[alternative, "eager"].step_s
-            print(f"eager {name} / {alternative}: {ratio:.2f}x")
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     print()
     for i, row in enumerate(rows):
@@ -220,6 +219,11 @@ def main() -> None:
         )
         if i == 0:
             print("-+-".join("-" * w for w in widths))
+    print()
+    for alternative in (n for n in TORCHAO if n in names):
+        for name in (n for n in names if n.startswith("float8 tensorwise")):
+            ratio = runs[name, "eager"].step_s / runs[alternative, "eager"].step_s
+            print(f"eager step, torchgraft {name} / {alternative}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
