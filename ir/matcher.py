@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from torchgraft.ir.pattern import accepts, argument_name, call_args_like, same_value, target_name
+from torchgraft.ir.arguments import argument_name, call_args_like
+from torchgraft.ir.pattern import accepts, same_value, target_name
 from torchgraft.ir.provenance import describe
 from torchgraft.ir.rule import Match, Rule
 

@@ -9,7 +9,6 @@ annotated ``float`` / ``int`` / ``bool`` / ``str`` only literals of that type.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 import typing
@@ -19,56 +18,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from torchgraft.ir.arguments import call_args
 from torchgraft.ir.errors import RuleDefinitionError
-
-_REQUIRED = object()
-
-
-@functools.cache
-def _schema(target: Any) -> tuple[tuple[str, Any], ...] | None:
-    """``(name, default)`` per argument of an OpOverload's schema; None for other targets."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return None
-    return tuple(
-        (a.name, a.default_value if a.has_default_value() else _REQUIRED)
-        for a in target._schema.arguments
-    )
-
-
-def call_args(node: fx.Node) -> tuple:
-    """The node's arguments as one positional tuple, schema defaults filled in.
-
-    ``aten.mean.dim(x, [-1], keepdim=True)`` and ``aten.mean.dim(x, [-1], True)`` give the
-    same tuple. Targets without a schema (torch-level functions, methods) keep their
-    positional arguments followed by their keyword arguments sorted by name.
-    """
-    schema = _schema(node.target) if node.op == "call_function" else None
-    if schema is None:
-        return tuple(node.args) + tuple(v for _, v in sorted(node.kwargs.items()))
-    args, kwargs = node.args, node.kwargs
-    if not kwargs and len(args) == len(schema):
-        return tuple(args)
-    out = list(args)
-    for name, default in schema[len(args) :]:
-        value = kwargs.get(name, default)
-        out.append(None if value is _REQUIRED else value)
-    return tuple(out)
-
-
-def call_args_like(node: fx.Node, length: int) -> tuple:
-    """:func:`call_args` with a fast path: a node without keyword arguments that already
-    has ``length`` positional ones (the usual case in exported graphs) is returned as is."""
-    if not node.kwargs and len(node.args) == length:
-        return node.args
-    return call_args(node)
-
-
-def argument_name(node: fx.Node, index: int) -> str:
-    """Human name of argument ``index`` of ``node`` (schema name where known)."""
-    schema = _schema(node.target) if node.op == "call_function" else None
-    if schema is not None and index < len(schema):
-        return f"argument {index} ('{schema[index][0]}')"
-    return f"argument {index}"
 
 
 def target_name(node: fx.Node) -> str:

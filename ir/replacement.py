@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, sym_not
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 from torch.fx.node import map_aggregate
+from torch.utils._pytree import tree_map_only
 
 from torchgraft.ir.errors import RuleDefinitionError
 from torchgraft.ir.rule import Match, Rule
@@ -85,6 +90,14 @@ class _Tracer(fx.Tracer):
             node.meta["val"] = self._run_fake(node)
         return node
 
+    def fresh(self, val: Any) -> Any:
+        """A value like ``val`` (same shapes, strides, dtypes, devices, ``requires_grad``) that
+        shares nothing with it, so an in-place op in the replacement cannot change the
+        graph's own ``meta["val"]``."""
+        context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        with context:
+            return tree_map_only(torch.Tensor, _fresh_tensor, val)
+
     def _run_fake(self, node: fx.Node) -> Any:
         args, kwargs = map_aggregate(
             (node.args, node.kwargs), lambda a: a.meta["val"] if isinstance(a, fx.Node) else a
@@ -96,6 +109,14 @@ class _Tracer(fx.Tracer):
             return node.target(*args, **kwargs)
 
 
+def _fresh_tensor(val: torch.Tensor) -> torch.Tensor:
+    copy = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+    if not val.requires_grad:
+        return copy
+    copy.requires_grad_()
+    return copy if val.is_leaf else copy.clone()  # a non-leaf, like ``val``
+
+
 @dataclasses.dataclass
 class Template:
     """A traced replacement: placeholders named after the pattern's tensor parameters."""
@@ -104,6 +125,32 @@ class Template:
     placeholders: dict[str, fx.Node]
     ops: list[fx.Node]
     outputs: list[Any]
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """False only when two dimension sizes are known to differ (an unbacked or otherwise
+    undecidable symbolic size, as ``nonzero`` gives, is not a mismatch)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return not statically_known_true(sym_not(sym_eq(a, b)))
+
+
+def describe_value(val: Any) -> str:
+    """``[4, 8] float32`` for a tensor, ``repr`` for anything else."""
+    if isinstance(val, torch.Tensor):
+        return f"{list(val.shape)} {str(val.dtype).removeprefix('torch.')}"
+    return repr(val)
+
+
+def output_mismatch(new: Any, old: Any) -> bool:
+    """Whether a replacement output ``new`` cannot stand in for the matched value ``old``
+    (both ``meta["val"]``): another rank, dtype or a dimension known to differ. Values that
+    are not both tensors are not compared."""
+    if not (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)):
+        return False
+    if new.dtype != old.dtype or new.dim() != old.dim():
+        return True
+    return not all(map(_same_size, new.shape, old.shape))
 
 
 def signature(match: Match) -> tuple | None:
@@ -128,6 +175,18 @@ def signature(match: Match) -> tuple | None:
     return key
 
 
+_FAKE_TENSOR_LOG = logging.getLogger(FakeTensorMode.__module__)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def trace_replacement(rule: Rule, match: Match) -> Template:
     """Trace ``rule``'s replacement for the values bound in ``match``."""
     node_vals = [v.meta.get("val") for v in match.bindings.values() if isinstance(v, fx.Node)]
@@ -141,13 +200,14 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
                     "so every node carries its fake value"
                 )
             proxy = tracer.create_proxy("placeholder", name, (), {})
-            proxy.node.meta["val"] = value.meta["val"]
+            proxy.node.meta["val"] = tracer.fresh(value.meta["val"])
             placeholders[name] = proxy.node
             kwargs[name] = proxy
         else:
             kwargs[name] = value
     args = (match.handler,) if rule.wants_handler else ()
-    result = rule.replace_fn(*args, **kwargs)
+    with _quiet(_FAKE_TENSOR_LOG):  # its traceback would repeat the error we raise
+        result = rule.replace_fn(*args, **kwargs)
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     expected = len(rule.pattern.outputs)
     if len(results) != expected:

@@ -18,7 +18,13 @@ from torch.fx.node import map_arg
 from torchgraft.ir.errors import RewriteError, RuleDefinitionError, TorchgraftError
 from torchgraft.ir.matcher import find_matches, is_assertion
 from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
-from torchgraft.ir.replacement import Template, signature, trace_replacement
+from torchgraft.ir.replacement import (
+    Template,
+    describe_value,
+    output_mismatch,
+    signature,
+    trace_replacement,
+)
 from torchgraft.ir.rule import Match, Rule
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
@@ -33,6 +39,7 @@ class GraphEditor:
         self._inserted: list[fx.Node] = []
         self._rewired: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []
         self._forward: dict[fx.Node, fx.Node] = {}
+        self._name_counts: dict[str, int] | None = None
 
     def is_live(self, node: fx.Node) -> bool:
         """False for nodes replaced earlier in this transaction."""
@@ -46,6 +53,7 @@ class GraphEditor:
 
     def insert_copy(self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any]) -> fx.Node:
         """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta."""
+        self._journal_names()
         new = self.graph.create_node(
             node.op,
             node.target,
@@ -56,6 +64,21 @@ class GraphEditor:
         new.meta = meta
         self._inserted.append(new)
         return new
+
+    def _journal_names(self) -> None:
+        """Remember the graph namespace's counters before the first insertion, so that a
+        rollback frees the names it allocated (a later run then names nodes like a fresh one)."""
+        if self._name_counts is None:
+            self._name_counts = dict(self.graph._graph_namespace._base_count)
+
+    def _free_names(self) -> None:
+        namespace = self.graph._graph_namespace
+        for node in self._inserted:
+            namespace._used_names.discard(node.name)
+            namespace._obj_to_name.pop(node, None)
+        if self._name_counts is not None:
+            namespace._base_count.clear()
+            namespace._base_count.update(self._name_counts)
 
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         users = old.replace_all_uses_with(new)
@@ -81,6 +104,7 @@ class GraphEditor:
                 user.replace_input_with(new, old)
         for node in reversed(self._inserted):
             self.graph.erase_node(node)
+        self._free_names()
         self._reset()
 
     def _reset(self) -> None:
@@ -88,6 +112,7 @@ class GraphEditor:
         self._inserted.clear()
         self._rewired.clear()
         self._forward.clear()
+        self._name_counts = None
 
     def node_order(self) -> dict[fx.Node, int]:
         return {node: i for i, node in enumerate(self.graph.nodes)}
@@ -106,6 +131,24 @@ class MatchRecord:
     created: list[str]
     overwrote: dict[str, dict]
     """Replaced nodes that an earlier rule created: name → their provenance."""
+
+
+def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
+    """Refuse a replacement whose outputs' shapes or dtypes differ from the matched ones:
+    the graph's users of those values would break only when the model runs."""
+    rule = match.rule
+    for i, (old, out) in enumerate(zip(match.outputs, template.outputs)):
+        new_val, old_val = out.meta.get("val"), old.meta.get("val")
+        if output_mismatch(new_val, old_val):
+            raise RewriteError(
+                f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): replacement "
+                f"output {i} is {describe_value(new_val)} but it replaces {describe(old)}, "
+                f"which is {describe_value(old_val)}",
+                handler=handler_name,
+                rule=rule.name,
+                node=old.name,
+                source=user_source(old),
+            )
 
 
 class RuleApplier:
@@ -152,12 +195,15 @@ class RuleApplier:
                 template = trace_replacement(rule, match)
                 if key is not None:
                     cache[key] = template
+            _check_outputs(match, template, handler_name)
             provenance = {
                 "handler": handler_name,
                 "rule": rule.name,
                 "replaced": [n.name for n in match.nodes.values()],
             }
             created = self._splice(match, template, provenance)
+        except RewriteError:
+            raise
         except Exception as exc:
             source = user_source(match.anchor)
             raise RewriteError(

@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import fx
 
-from torchgraft.ir.pattern import Pattern, accepts, call_args, literal_equal
+from torchgraft.ir.arguments import call_args
+from torchgraft.ir.pattern import Pattern, accepts, literal_equal
 from torchgraft.ir.rule import Rule
 
 
