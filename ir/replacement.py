@@ -202,9 +202,9 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
             proxy = tracer.create_proxy("placeholder", name, (), {})
             proxy.node.meta["val"] = tracer.fresh(value.meta["val"])
             placeholders[name] = proxy.node
-            kwargs[name] = proxy
+            kwargs[rule.argument_names.get(name, name)] = proxy
         else:
-            kwargs[name] = value
+            kwargs[rule.argument_names.get(name, name)] = value
     args = (match.handler,) if rule.wants_handler else ()
     with _quiet(_FAKE_TENSOR_LOG):  # its traceback would repeat the error we raise
         result = rule.replace_fn(*args, **kwargs)

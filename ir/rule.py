@@ -100,6 +100,8 @@ class Rule:
         self.commutative = frozenset(COMMUTATIVE if commutative is True else commutative)
         self.replace_fn: Callable | None = None
         self.wants_handler = False
+        self.argument_names: dict[str, str] = {}
+        """Pattern parameter → the replacement's parameter that receives it."""
 
     def replacement(self, fn: Callable) -> Callable:
         """Decorator: attach the replacement, a function of the pattern's parameters.
@@ -108,6 +110,11 @@ class Rule:
         proxies whose ``.shape`` / ``.dtype`` are the matched node's, literal parameters
         as their values. An optional first parameter ``self`` receives the handler
         instance (its options). It returns one value per pattern output.
+
+        Parameters bind by name when every one of them names a pattern parameter (a
+        ``**inputs`` parameter takes the rest, and the handler's ``extra_inputs``);
+        otherwise by position, as ``torch.fx.replace_pattern`` does, when there are as
+        many as the pattern has and none names a pattern parameter at another position.
         """
         params = inspect.signature(fn).parameters
         names = list(params)
@@ -116,9 +123,18 @@ class Rule:
         names = [
             n for n in names[self.wants_handler :] if params[n].kind is not params[n].VAR_KEYWORD
         ]
-        missing = [p for p in self.pattern.params if p not in names and not takes_var_kw]
-        unknown = [n for n in names if n not in self.pattern.params]
-        if missing or unknown:
+        wanted = self.pattern.params
+        missing = [p for p in wanted if p not in names and not takes_var_kw]
+        unknown = [n for n in names if n not in wanted]
+        if not missing and not unknown:
+            self.argument_names = {p: p for p in wanted}
+        elif (
+            len(names) == len(wanted)
+            and not takes_var_kw
+            and all(n not in wanted or wanted.index(n) == i for i, n in enumerate(names))
+        ):
+            self.argument_names = dict(zip(wanted, names))
+        else:
             detail = []
             if missing:
                 detail.append(f"does not accept the pattern's parameters {missing}")
@@ -127,7 +143,8 @@ class Rule:
             raise RuleDefinitionError(
                 f"rule '{self.name}' ({self.location}): replacement {fn.__name__!r} "
                 + " and ".join(detail)
-                + f"; the pattern binds {self.pattern.params}"
+                + f"; the pattern binds {wanted} (by name, or by position with "
+                f"{len(wanted)} parameters)"
             )
         self.replace_fn = fn
         return fn
