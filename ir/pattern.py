@@ -4,7 +4,8 @@ The pattern's parameters are wildcards: each binds one node or one literal of th
 graph, and a parameter used twice must bind the same thing twice. Literals written in the
 pattern must match exactly; a literal that may vary (an ``eps``, a ``dim``) is declared free
 by making it a parameter. A parameter annotated ``torch.Tensor`` binds only nodes, one
-annotated ``float`` / ``int`` / ``bool`` / ``str`` only literals of that type.
+annotated ``float`` / ``int`` / ``bool`` / ``str`` only literals of that type, one annotated
+``nn.Parameter`` / ``nn.Buffer`` only a ``get_attr`` of a parameter / buffer of the graph module.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from torchgraft.ir.arguments import call_args
 from torchgraft.ir.errors import RuleDefinitionError
+from torchgraft.ir.state import is_buffer, is_parameter
 
 
 def target_name(node: fx.Node) -> str:
@@ -41,6 +43,10 @@ def accepts(annotation: Any, value: Any) -> bool:
         return any(accepts(a, value) for a in typing.get_args(annotation))
     if annotation is None or annotation is type(None):
         return value is None
+    if annotation is nn.Parameter:
+        return is_parameter(value)
+    if annotation is nn.Buffer:
+        return is_buffer(value)
     if annotation is torch.Tensor or annotation is fx.Node:
         return isinstance(value, fx.Node)
     if isinstance(value, fx.Node) or not isinstance(annotation, type):

@@ -16,15 +16,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import fx, sym_not
+from torch import fx, nn, sym_not
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_map_only
 
 from torchgraft.ir.errors import RuleDefinitionError
 from torchgraft.ir.rule import Match, Rule
+from torchgraft.ir.state import BOUND_NODE, NEW_ATTRIBUTE, NewAttribute, tracing
 
 
 class ShapedProxy(fx.Proxy):
@@ -75,6 +76,8 @@ class _Tracer(fx.Tracer):
         self.root = torch.nn.Module()
         self.tensor_attrs: dict = {}
         self.fake_mode = fake_mode
+        self.per_match = False
+        """Set when the replacement creates state or reads values: do not reuse its template."""
 
     def proxy(self, node: fx.Node) -> ShapedProxy:
         return ShapedProxy(node, self)
@@ -82,13 +85,32 @@ class _Tracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         if kind == "get_attr":
             raise RuleDefinitionError(
-                "a replacement may not create tensor constants or use module attributes; "
-                "pass scalars to ops instead"
+                "a replacement may not read module attributes; create state with "
+                "tg.new_parameter / tg.new_buffer / tg.new_constant"
             )
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind in ("call_function", "call_method"):
             node.meta["val"] = self._run_fake(node)
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        # A tensor written into the replacement becomes new state of the match.
+        if isinstance(a, nn.Parameter):
+            return self.new_attribute(NewAttribute("param", "parameter", a)).node
+        if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor):
+            return self.new_attribute(NewAttribute("_tensor_constant", "constant", a)).node
+        return super().create_arg(a)
+
+    def new_attribute(self, attribute: NewAttribute) -> ShapedProxy:
+        """A ``get_attr`` template node standing for new state (see :mod:`torchgraft.ir.state`)."""
+        self.per_match = True
+        node = fx.Tracer.create_node(self, "get_attr", attribute.name, (), {})
+        node.meta[NEW_ATTRIBUTE] = attribute
+        value = attribute.value
+        if self.fake_mode is not None:
+            value = self.fake_mode.from_tensor(value, static_shapes=True)
+        node.meta["val"] = value
+        return self.proxy(node)
 
     def fresh(self, val: Any) -> Any:
         """A value like ``val`` (same shapes, strides, dtypes, devices, ``requires_grad``) that
@@ -125,6 +147,8 @@ class Template:
     placeholders: dict[str, fx.Node]
     ops: list[fx.Node]
     outputs: list[Any]
+    per_match: bool = False
+    """True when the replacement creates state or reads values: trace it for every match."""
 
 
 def _same_size(a: Any, b: Any) -> bool:
@@ -201,12 +225,14 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
                 )
             proxy = tracer.create_proxy("placeholder", name, (), {})
             proxy.node.meta["val"] = tracer.fresh(value.meta["val"])
+            proxy.node.meta[BOUND_NODE] = value
             placeholders[name] = proxy.node
             kwargs[rule.argument_names.get(name, name)] = proxy
         else:
             kwargs[rule.argument_names.get(name, name)] = value
     args = (match.handler,) if rule.wants_handler else ()
-    with _quiet(_FAKE_TENSOR_LOG):  # its traceback would repeat the error we raise
+    # The fake-tensor log's traceback would repeat the error we raise.
+    with _quiet(_FAKE_TENSOR_LOG), tracing(tracer):
         result = rule.replace_fn(*args, **kwargs)
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     expected = len(rule.pattern.outputs)
@@ -222,5 +248,5 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
                 f"its tensor parameters), got {value!r}"
             )
         outputs.append(value.node)
-    ops = [n for n in tracer.graph.nodes if n.op in ("call_function", "call_method")]
-    return Template(tracer.graph, placeholders, ops, outputs)
+    ops = [n for n in tracer.graph.nodes if n.op in ("call_function", "call_method", "get_attr")]
+    return Template(tracer.graph, placeholders, ops, outputs, tracer.per_match)

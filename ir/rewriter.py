@@ -26,6 +26,7 @@ from torchgraft.ir.replacement import (
     trace_replacement,
 )
 from torchgraft.ir.rule import Match, Rule
+from torchgraft.ir.state import NEW_ATTRIBUTE, AttributeJournal, NewAttribute
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
@@ -40,6 +41,7 @@ class GraphEditor:
         self._rewired: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []
         self._forward: dict[fx.Node, fx.Node] = {}
         self._name_counts: dict[str, int] | None = None
+        self._attributes = AttributeJournal()
 
     def is_live(self, node: fx.Node) -> bool:
         """False for nodes replaced earlier in this transaction."""
@@ -51,12 +53,15 @@ class GraphEditor:
             value = self._forward[value]
         return value
 
-    def insert_copy(self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any]) -> fx.Node:
-        """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta."""
+    def insert_copy(
+        self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any], target: Any = None
+    ) -> fx.Node:
+        """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta
+        (and ``target`` instead of the node's, when given)."""
         self._journal_names()
         new = self.graph.create_node(
             node.op,
-            node.target,
+            node.target if target is None else target,
             map_arg(node.args, env.__getitem__),
             map_arg(node.kwargs, env.__getitem__),
             name=node.name,
@@ -80,6 +85,16 @@ class GraphEditor:
             namespace._base_count.clear()
             namespace._base_count.update(self._name_counts)
 
+    def add_attribute(self, module_fqn: str, attribute: NewAttribute) -> str:
+        """Register new state on the graph's module under ``module_fqn``; returns its FQN."""
+        root = self.graph.owning_module
+        if root is None:
+            raise RuleDefinitionError(
+                f"the replacement creates {attribute.kind} {attribute.name!r}, but the graph "
+                "belongs to no module that could hold it"
+            )
+        return self._attributes.register(root, module_fqn, attribute)
+
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         users = old.replace_all_uses_with(new)
         self._rewired.append((old, new, users))
@@ -95,6 +110,7 @@ class GraphEditor:
         for node in reversed(self.graph.nodes):
             if node in self._retired:
                 self.graph.erase_node(node)
+        self._attributes.commit()
         self._reset()
 
     def rollback(self) -> None:
@@ -105,6 +121,7 @@ class GraphEditor:
         for node in reversed(self._inserted):
             self.graph.erase_node(node)
         self._free_names()
+        self._attributes.rollback()
         self._reset()
 
     def _reset(self) -> None:
@@ -131,6 +148,8 @@ class MatchRecord:
     created: list[str]
     overwrote: dict[str, dict]
     """Replaced nodes that an earlier rule created: name → their provenance."""
+    attributes: list[str] = dataclasses.field(default_factory=list)
+    """FQNs of the parameters, buffers and constants the replacement registered."""
 
 
 def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
@@ -193,7 +212,7 @@ class RuleApplier:
             template = cache.get(key) if key is not None else None
             if template is None:
                 template = trace_replacement(rule, match)
-                if key is not None:
+                if key is not None and not template.per_match:
                     cache[key] = template
             _check_outputs(match, template, handler_name)
             provenance = {
@@ -201,7 +220,7 @@ class RuleApplier:
                 "rule": rule.name,
                 "replaced": [n.name for n in match.nodes.values()],
             }
-            created = self._splice(match, template, provenance)
+            created, attributes = self._splice(match, template, provenance)
         except RewriteError:
             raise
         except Exception as exc:
@@ -224,6 +243,7 @@ class RuleApplier:
             overwrote={
                 n.name: n.meta[META_KEY] for n in match.nodes.values() if META_KEY in n.meta
             },
+            attributes=attributes,
         )
 
     @staticmethod
@@ -240,7 +260,9 @@ class RuleApplier:
             )
         match.bindings.update(extra)
 
-    def _splice(self, match: Match, template: Template, provenance: dict) -> list[fx.Node]:
+    def _splice(
+        self, match: Match, template: Template, provenance: dict
+    ) -> tuple[list[fx.Node], list[str]]:
         editor, anchor = self.editor, match.anchor
         env: dict[fx.Node, Any] = {
             node: editor.resolve(match.bindings[name])
@@ -248,10 +270,17 @@ class RuleApplier:
         }
         inherited = {key: anchor.meta[key] for key in _COPIED_META if key in anchor.meta}
         inherited[META_KEY] = provenance
-        created = []
+        created, attributes = [], []
         with editor.graph.inserting_before(self._insertion_point(match, env)):
             for node in template.ops:
-                new = editor.insert_copy(node, env, {**inherited, "val": node.meta["val"]})
+                target = None
+                if NEW_ATTRIBUTE in node.meta:
+                    attribute = node.meta[NEW_ATTRIBUTE]
+                    module = match.module_fqn if attribute.module is None else attribute.module
+                    target = editor.add_attribute(module, attribute)
+                    attributes.append(target)
+                meta = {**inherited, "val": node.meta["val"]}
+                new = editor.insert_copy(node, env, meta, target)
                 env[node] = new
                 created.append(new)
         for old, out in zip(match.outputs, template.outputs):
@@ -259,7 +288,7 @@ class RuleApplier:
         replaced = match.nodes.values()
         editor.retire(replaced)
         editor.retire(u for node in replaced for u in node.users if is_assertion(u))
-        return created
+        return created, attributes
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:
         """Before the anchor for one output; for several, right after the last input."""
