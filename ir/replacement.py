@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_map_only
 
 from torchgraft.ir.errors import RuleDefinitionError
+from torchgraft.ir.leaf import is_leaf, leaf_fake, patched_fx_wraps
 from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.state import BOUND_NODE, NEW_ATTRIBUTE, NewAttribute, tracing
 
@@ -89,7 +90,11 @@ class _Tracer(fx.Tracer):
                 "tg.new_parameter / tg.new_buffer / tg.new_constant"
             )
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if kind in ("call_function", "call_method"):
+        if kind == "call_function" and is_leaf(target):
+            fake = leaf_fake(target)
+            if fake is not None:  # a leaf without one gets no meta["val"]
+                node.meta["val"] = self._run_fake(node, fake)
+        elif kind in ("call_function", "call_method"):
             node.meta["val"] = self._run_fake(node)
         return node
 
@@ -120,15 +125,26 @@ class _Tracer(fx.Tracer):
         with context:
             return tree_map_only(torch.Tensor, _fresh_tensor, val)
 
-    def _run_fake(self, node: fx.Node) -> Any:
-        args, kwargs = map_aggregate(
-            (node.args, node.kwargs), lambda a: a.meta["val"] if isinstance(a, fx.Node) else a
-        )
+    def _run_fake(self, node: fx.Node, fn: Callable | None = None) -> Any:
+        """Run ``node``'s op (or ``fn``, a leaf's fake function) on its inputs' fake values."""
+        args, kwargs = map_aggregate((node.args, node.kwargs), _fake_value)
         context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
         with context:
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)
+            return (fn or node.target)(*args, **kwargs)
+
+
+def _fake_value(arg: Any) -> Any:
+    if not isinstance(arg, fx.Node):
+        return arg
+    if "val" not in arg.meta:
+        raise RuleDefinitionError(
+            f"the replacement computes on the result of leaf call '{arg.name}' "
+            f"({getattr(arg.target, '__name__', arg.target)}), which has no fake function: "
+            "declare one with tg.leaf(fn, fake=...)"
+        )
+    return arg.meta["val"]
 
 
 def _fresh_tensor(val: torch.Tensor) -> torch.Tensor:
@@ -232,7 +248,7 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
             kwargs[rule.argument_names.get(name, name)] = value
     args = (match.handler,) if rule.wants_handler else ()
     # The fake-tensor log's traceback would repeat the error we raise.
-    with _quiet(_FAKE_TENSOR_LOG), tracing(tracer):
+    with _quiet(_FAKE_TENSOR_LOG), tracing(tracer), patched_fx_wraps():
         result = rule.replace_fn(*args, **kwargs)
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     expected = len(rule.pattern.outputs)

@@ -279,7 +279,9 @@ class RuleApplier:
                     module = match.module_fqn if attribute.module is None else attribute.module
                     target = editor.add_attribute(module, attribute)
                     attributes.append(target)
-                meta = {**inherited, "val": node.meta["val"]}
+                meta = dict(inherited)
+                if "val" in node.meta:  # a leaf call without a fake function has none
+                    meta["val"] = node.meta["val"]
                 new = editor.insert_copy(node, env, meta, target)
                 env[node] = new
                 created.append(new)
