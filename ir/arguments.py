@@ -6,7 +6,7 @@ so are ``torch.clamp(x, 0.0, 1.0)``, ``torch.clamp(x, min=0.0, max=1.0)`` and
 ``torch.clamp(x, max=0.0)`` are not. Each call is bound to its target's signature (the
 OpOverload's schema; for torch-level functions and ``Tensor`` methods the ATen schemas
 torch.fx itself uses, ``torch.fx.operator_schemas.get_signature_for_torch_op``; for Python
-functions ``inspect.signature``) and becomes one tuple of values in parameter order, with
+functions ``inspect.signature``; for a ``call_module`` its module's ``forward``) and becomes one tuple of values in parameter order, with
 defaults filled in. Of several overloads the first that binds and whose tensor parameters
 receive tensors wins (``torch.max(x, 1)`` is ``max.dim``, ``torch.max(x, y)`` ``max.other``).
 A call that binds to no signature keeps its positional arguments followed by its keyword
@@ -78,6 +78,26 @@ def _cached_signatures(op: str, target: Any) -> tuple[inspect.Signature, ...]:
     return _uncached_signatures(op, target)
 
 
+@functools.cache
+def _forward_signature(kind: type) -> tuple[inspect.Signature, ...]:
+    try:
+        params = list(inspect.signature(kind.forward).parameters.values())[1:]  # no self
+    except (TypeError, ValueError):
+        return ()
+    return (inspect.Signature(params),)
+
+
+def _node_signatures(node: fx.Node) -> tuple[inspect.Signature, ...]:
+    if node.op != "call_module":
+        return signatures(node.op, node.target)
+    root = node.graph.owning_module
+    try:
+        module = root.get_submodule(node.target) if root is not None else None
+    except AttributeError:
+        module = None
+    return _forward_signature(type(module)) if module is not None else ()
+
+
 def signatures(op: str, target: Any) -> tuple[inspect.Signature, ...]:
     """The signatures a non-OpOverload call target may be bound to, in overload order."""
     try:
@@ -104,9 +124,10 @@ def _fits(signature: inspect.Signature, bound: inspect.BoundArguments) -> bool:
 
 
 def bind(node: fx.Node) -> tuple[tuple[str, ...], tuple] | None:
-    """``(parameter names, values)`` of a torch-level or method call bound to the first
-    signature of its target that accepts it, defaults filled in; None if none does."""
-    for signature in signatures(node.op, node.target):
+    """``(parameter names, values)`` of a torch-level, method or module call bound to the
+    first signature of its target that accepts it (a module's ``forward``), defaults filled
+    in; None if none does."""
+    for signature in _node_signatures(node):
         try:
             bound = signature.bind(*node.args, **node.kwargs)
         except TypeError:

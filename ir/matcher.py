@@ -119,7 +119,7 @@ class _Solver:
             return state if failure is None else self._reject(failure)
         p, src = pending
         for cand in state[src].users:
-            if cand.target == p.target and cand not in used and self.is_live(cand):
+            if self.pattern.calls_same(p, cand) and cand not in used and self.is_live(cand):
                 solved = self._unify([(p, cand, None)], dict(state), set(used))
                 if solved is not None:
                     return solved
@@ -135,6 +135,24 @@ class _Solver:
         while work:
             p, g, ctx = work.pop()
             if isinstance(p, fx.Node):
+                if p.op == "get_attr":
+                    if not (isinstance(g, fx.Node) and g.op == "get_attr"):
+                        return self._fail(
+                            ctx,
+                            "wrong_op",
+                            lambda p=p, g=g: (
+                                f"pattern attribute '{p.target}' matches a get_attr, found {_show(g)}"
+                            ),
+                        )
+                    if state.setdefault(p, g) is not g:
+                        return self._fail(
+                            ctx,
+                            "parameter_bound_twice",
+                            lambda p=p, g=g, s=state: (
+                                f"pattern attribute '{p.target}' is bound to {_show(s[p])} but here is {_show(g)}"
+                            ),
+                        )
+                    continue
                 if p.op == "placeholder":
                     if p in state:
                         if not same_value(state[p], g):
@@ -163,7 +181,7 @@ class _Solver:
                         "wrong_op",
                         lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}",
                     )
-                if g.op != p.op or g.target != p.target:
+                if g.op != p.op or (g.target != p.target and not self.pattern.calls_same(p, g)):
                     return self._fail(
                         ctx,
                         "wrong_op",
@@ -343,7 +361,7 @@ class _AnchoredMatcher:
 
     def __call__(self, node: fx.Node) -> Match | None:
         anchor = self.rule.pattern.anchor
-        if node.op != anchor.op or node.target != anchor.target or not self.is_live(node):
+        if not self.rule.pattern.calls_same(anchor, node) or not self.is_live(node):
             return None
         if not _may_match(self.rule, node):
             return None
@@ -368,7 +386,11 @@ def find_matches(
     match_here = _AnchoredMatcher(rule, handler, is_live)
     claimed: set[fx.Node] = set()
     matches = []
-    for node in graph.find_nodes(op=anchor.op, target=anchor.target):
+    if anchor.op == "call_module":  # any call of a module of the pattern's class
+        candidates = graph.find_nodes(op="call_module")
+    else:
+        candidates = graph.find_nodes(op=anchor.op, target=anchor.target)
+    for node in candidates:
         if node in claimed:
             continue
         match = match_here(node)
@@ -400,7 +422,7 @@ def explain(rule: Rule, node: fx.Node, handler: Any = None) -> Explanation:
     """Say why ``rule`` does (or does not) match at ``node``: the first pattern node and
     argument that failed and why, or the validity check or filter that rejected it."""
     anchor = rule.pattern.anchor
-    if node.op != anchor.op or node.target != anchor.target:
+    if not rule.pattern.calls_same(anchor, node):
         failure = Failure(
             "wrong_anchor",
             f"the pattern ends in {target_name(anchor)} but {describe(node)} is "

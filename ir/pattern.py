@@ -29,6 +29,9 @@ def target_name(node: fx.Node) -> str:
     target = node.target
     if node.op == "call_method":
         return f".{target}()"
+    if node.op == "call_module":
+        kind = module_type(node)
+        return f"{target} ({kind.__name__ if kind is not None else 'module'})"
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
     module = getattr(target, "__module__", None) or ""
@@ -66,31 +69,55 @@ def _annotations(fn: Callable) -> dict[str, Any]:
     }
 
 
+OPS = ("call_function", "call_method", "call_module")
+"""Node kinds a pattern matches and a match replaces."""
+
+
+def module_type(node: fx.Node) -> type | None:
+    """The class of the submodule a ``call_module`` node calls (None if unresolvable)."""
+    root = node.graph.owning_module
+    try:
+        return type(root.get_submodule(node.target)) if root is not None else None
+    except AttributeError:
+        return None
+
+
 class Pattern:
-    """A pattern function traced into an fx graph of placeholders, ops and outputs."""
+    """A pattern traced into an fx graph of placeholders, ops and outputs.
+
+    ``fn`` is a function, an ``nn.Module`` (traced with ``torch.fx.symbolic_trace``, its
+    leaf submodules kept as ``call_module`` nodes that match any call of a module of the
+    same class) or an ``fx.GraphModule`` (used as is). A ``get_attr`` in a module pattern
+    matches any ``get_attr`` of the graph (as in ``torch.fx.replace_pattern``); it is bound,
+    not replaced, and is not a parameter of the replacement.
+    """
 
     def __init__(self, fn: Callable, *, where: str) -> None:
         self.fn = fn
         try:
-            self.graph = fx.symbolic_trace(fn).graph
+            self.module = fn if isinstance(fn, fx.GraphModule) else fx.symbolic_trace(fn)
         except Exception as exc:
             raise RuleDefinitionError(f"pattern {where} could not be traced: {exc}") from exc
-        self.annotations = _annotations(fn)
+        self.graph = self.module.graph
+        self.annotations = _annotations(fn.forward if isinstance(fn, nn.Module) else fn)
         self.placeholders: dict[str, fx.Node] = {}
         self.ops: list[fx.Node] = []
         self.outputs: list[fx.Node] = []
+        self.module_types: dict[fx.Node, type] = {}
+        """Class of the submodule each ``call_module`` pattern node stands for."""
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 self.placeholders[node.target] = node  # the parameter's name
             elif node.op == "output":
                 result = node.args[0]
                 self.outputs = list(result) if isinstance(result, (tuple, list)) else [result]
-            elif node.op in ("call_function", "call_method"):
+            elif node.op in OPS:
                 self.ops.append(node)
-            else:
+                if node.op == "call_module":
+                    self.module_types[node] = module_type(node)
+            elif node.op != "get_attr":
                 raise RuleDefinitionError(
-                    f"pattern {where}: '{node.format_node()}' is not allowed in a pattern "
-                    "(patterns call ops on their parameters; tensors constants and modules are not supported)"
+                    f"pattern {where}: '{node.format_node()}' is not allowed in a pattern"
                 )
         self._validate(where)
         self.anchor = self.outputs[0]
@@ -100,7 +127,7 @@ class Pattern:
         self.anchor_arg_targets = tuple(
             (i, arg.target)
             for i, arg in enumerate(self.args[self.anchor])
-            if isinstance(arg, fx.Node) and arg.op != "placeholder"
+            if isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method")
         )
         """``(position, target)`` of the anchor's arguments that are ops: a cheap pre-check."""
 
@@ -108,7 +135,7 @@ class Pattern:
         if not self.ops:
             raise RuleDefinitionError(f"pattern {where} calls no op")
         for out in self.outputs:
-            if not isinstance(out, fx.Node) or out.op not in ("call_function", "call_method"):
+            if not isinstance(out, fx.Node) or out.op not in OPS:
                 raise RuleDefinitionError(
                     f"pattern {where}: every output must be the result of an op, got {out!r}"
                 )
@@ -119,6 +146,14 @@ class Pattern:
             raise RuleDefinitionError(
                 f"pattern {where}: its outputs share no node or parameter; write separate rules"
             )
+
+    def calls_same(self, p: fx.Node, g: fx.Node) -> bool:
+        """Whether graph node ``g`` calls what pattern op ``p`` calls (a module by class)."""
+        if g.op != p.op:
+            return False
+        if p.op == "call_module":
+            return module_type(g) is self.module_types[p]
+        return g.target == p.target
 
     def _connected(self) -> bool:
         seen, todo = set(), [self.outputs[0]]

@@ -9,17 +9,25 @@ propagation through a custom op costs ~0.7 ms, and a model repeats the same sign
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import dis
+import inspect
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn, sym_not
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+from torch._subclasses.fake_tensor import (
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, statically_known_true, sym_eq
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_map_only
 
@@ -65,9 +73,26 @@ class ShapedProxy(fx.Proxy):
         return len(self.val)
 
     def __iter__(self):
-        if isinstance(self.val, (tuple, list)):
-            return (self[i] for i in range(len(self.val)))
+        val = self.node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return (self[i] for i in range(len(val)))
+        count = _unpack_count(inspect.currentframe().f_back)
+        if "val" not in self.node.meta and count is not None:
+            return (self[i] for i in range(count))  # a leaf's result of unknown arity
         return super().__iter__()
+
+
+def _lacks_val(value: Any) -> bool:
+    return isinstance(value, fx.Node) and "val" not in value.meta
+
+
+def _unpack_count(frame: Any) -> int | None:
+    """How many values the code at ``frame`` unpacks right now (``a, b = proxy``), if it does."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    i = bisect.bisect_left(instructions, frame.f_lasti, key=lambda inst: inst.offset)
+    if i < len(instructions) and instructions[i].opname == "UNPACK_SEQUENCE":
+        return instructions[i].argval
+    return None
 
 
 class _Tracer(fx.Tracer):
@@ -79,6 +104,7 @@ class _Tracer(fx.Tracer):
         self.fake_mode = fake_mode
         self.per_match = False
         """Set when the replacement creates state or reads values: do not reuse its template."""
+        self.attribute_names: dict[int, str] = {}
 
     def proxy(self, node: fx.Node) -> ShapedProxy:
         return ShapedProxy(node, self)
@@ -94,21 +120,39 @@ class _Tracer(fx.Tracer):
             fake = leaf_fake(target)
             if fake is not None:  # a leaf without one gets no meta["val"]
                 node.meta["val"] = self._run_fake(node, fake)
+        elif target is operator.getitem and _lacks_val(args[0]):
+            pass  # an item of such a leaf's result: unknown too
         elif kind in ("call_function", "call_method"):
             node.meta["val"] = self._run_fake(node)
         return node
 
     def create_arg(self, a: Any) -> Any:
-        # A tensor written into the replacement becomes new state of the match.
-        if isinstance(a, nn.Parameter):
-            return self.new_attribute(NewAttribute("param", "parameter", a)).node
+        # A tensor the replacement uses becomes state of the match: a tensor of the
+        # replacement module under its own name (shared by every match), a tensor created
+        # while tracing as new state of this match.
         if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor):
-            return self.new_attribute(NewAttribute("_tensor_constant", "constant", a)).node
+            kind = "parameter" if isinstance(a, nn.Parameter) else "constant"
+            owned = self.attribute_names.get(id(a))
+            if owned is not None:
+                return self.new_attribute(NewAttribute(owned, kind, a), per_match=False).node
+            name = "param" if kind == "parameter" else "_tensor_constant"
+            return self.new_attribute(NewAttribute(name, kind, a)).node
         return super().create_arg(a)
 
-    def new_attribute(self, attribute: NewAttribute) -> ShapedProxy:
-        """A ``get_attr`` template node standing for new state (see :mod:`torchgraft.ir.state`)."""
-        self.per_match = True
+    def own_attributes(self, module: nn.Module) -> None:
+        """Name the tensors of replacement ``module`` after their attribute paths."""
+        for prefix, sub in module.named_modules():
+            tensors = {**sub._parameters, **sub._buffers}
+            tensors.update((k, v) for k, v in vars(sub).items() if isinstance(v, torch.Tensor))
+            for name, tensor in tensors.items():
+                if tensor is not None:
+                    path = f"{prefix}_{name}" if prefix else name
+                    self.attribute_names.setdefault(id(tensor), path.replace(".", "_"))
+
+    def new_attribute(self, attribute: NewAttribute, per_match: bool = True) -> ShapedProxy:
+        """A ``get_attr`` template node standing for new state (see :mod:`torchgraft.ir.state`);
+        ``per_match`` for state created by this trace (not shared between matches)."""
+        self.per_match |= per_match
         node = fx.Tracer.create_node(self, "get_attr", attribute.name, (), {})
         node.meta[NEW_ATTRIBUTE] = attribute
         value = attribute.value
@@ -129,10 +173,21 @@ class _Tracer(fx.Tracer):
         """Run ``node``'s op (or ``fn``, a leaf's fake function) on its inputs' fake values."""
         args, kwargs = map_aggregate((node.args, node.kwargs), _fake_value)
         context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        call = (
+            (lambda: getattr(args[0], node.target)(*args[1:], **kwargs))
+            if node.op == "call_method"
+            else (lambda: (fn or node.target)(*args, **kwargs))
+        )
         with context:
-            if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
-            return (fn or node.target)(*args, **kwargs)
+            try:
+                return call()
+            except DynamicOutputShapeException:
+                if self.fake_mode is None or self.fake_mode.shape_env is not None:
+                    raise
+                # A data-dependent output (nonzero, masked_select): its sizes are unbacked
+                # symbols, which need a shape environment (torch.export's mode has one).
+                self.fake_mode.shape_env = ShapeEnv()
+                return call()
 
 
 def _fake_value(arg: Any) -> Any:
@@ -231,6 +286,8 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
     """Trace ``rule``'s replacement for the values bound in ``match``."""
     node_vals = [v.meta.get("val") for v in match.bindings.values() if isinstance(v, fx.Node)]
     tracer = _Tracer(detect_fake_mode(node_vals))
+    if isinstance(rule.replace_fn, nn.Module):
+        tracer.own_attributes(rule.replace_fn)
     placeholders, kwargs = {}, {}
     for name, value in match.bindings.items():
         if isinstance(value, fx.Node):

@@ -214,7 +214,8 @@ class RuleApplier:
                 template = trace_replacement(rule, match)
                 if key is not None and not template.per_match:
                     cache[key] = template
-            _check_outputs(match, template, handler_name)
+            if rule.check_outputs:
+                _check_outputs(match, template, handler_name)
             provenance = {
                 "handler": handler_name,
                 "rule": rule.name,
