@@ -78,6 +78,8 @@ class _Solver:
         self.is_live = is_live
         self.accept = accept
         self.record = record
+        self.commutative = frozenset(p for p in self.pattern.ops if p.target in rule.commutative)
+        """Pattern ops declared commutative (a set of nodes: cheaper to test than targets)."""
         self.failure: Failure | None = None
 
     def _fail(self, ctx: tuple | None, kind: str, reason: Callable[[], str]) -> None:
@@ -217,7 +219,7 @@ class _Solver:
                         ),
                     )
                 pairs = [(pa, ga, (p, i, ())) for i, (pa, ga) in enumerate(zip(pargs, gargs))]
-                if p.target in self.rule.commutative and len(pairs) >= 2:
+                if p in self.commutative and len(pairs) >= 2:
                     swapped = [(pargs[0], gargs[1], (p, 0, ())), (pargs[1], gargs[0], (p, 1, ()))]
                     for alternative in (pairs, swapped + pairs[2:]):
                         solved = self._unify(work + alternative[::-1], dict(state), set(used))
@@ -261,7 +263,7 @@ value of a match alive, and are removed with it."""
 
 def is_assertion(node: fx.Node) -> bool:
     """Whether ``node`` only checks another node's metadata (see :data:`ASSERTION_TARGETS`)."""
-    return node.op == "call_function" and node.target in ASSERTION_TARGETS
+    return node.op == "call_function" and any(node.target is t for t in ASSERTION_TARGETS)
 
 
 def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
@@ -342,7 +344,7 @@ def _may_match(rule: Rule, node: fx.Node) -> bool:
         return True
     args = call_args_like(node, len(rule.pattern.args[rule.pattern.anchor]))
     orders = [args]
-    if node.target in rule.commutative and len(args) >= 2:
+    if rule.pattern.anchor.target in rule.commutative and len(args) >= 2:
         orders.append((args[1], args[0], *args[2:]))
     return any(
         all(i < len(a) and isinstance(a[i], fx.Node) and a[i].target == t for i, t in expected)

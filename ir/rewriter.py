@@ -103,10 +103,30 @@ class GraphEditor:
     def retire(self, nodes: Any) -> None:
         self._retired.update(nodes)
 
+    def check(self) -> None:
+        """``graph.lint()`` for what this transaction changed (nothing else was touched):
+        every inserted node, and every node whose inputs were moved, is live and uses only
+        live nodes defined before it. Costs one pass over the nodes instead of lint's ~2 µs
+        per node."""
+        edited = [*self._inserted, *(u for _, _, users in self._rewired for u in users)]
+        if not edited:
+            return
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        for node in edited:
+            if node in self._retired:
+                continue
+            for arg in node.all_input_nodes:
+                if arg in self._retired or order.get(arg, len(order)) >= order[node]:
+                    state = "replaced" if arg in self._retired else "defined after it"
+                    raise TorchgraftError(
+                        f"internal error: after rewriting, '{node.format_node()}' uses "
+                        f"'{arg.name}', which is {state}"
+                    )
+
     def commit(self) -> None:
-        """Check the graph, then erase the retired nodes (which nothing live uses, so the
+        """Check the edits, then erase the retired nodes (which nothing live uses, so the
         erasure cannot break what the check accepted; a failed check can still roll back)."""
-        self.graph.lint()
+        self.check()
         for node in reversed(self.graph.nodes):
             if node in self._retired:
                 self.graph.erase_node(node)
