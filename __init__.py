@@ -13,8 +13,10 @@ import importlib
 from torchgraft.handlers import Handler, get_handler, register_handler, registered
 from torchgraft.ir.capture import capture
 from torchgraft.ir.errors import CaptureError, RewriteError, RuleDefinitionError, TorchgraftError
+from torchgraft.ir.leaf import leaf
 from torchgraft.ir.matcher import explain, find_matches
 from torchgraft.ir.rule import COMMUTATIVE, Match, Rule, rule
+from torchgraft.ir.state import new_buffer, new_constant, new_parameter, value_of
 from torchgraft.passes import CheckError, CheckResult, HandlerEntry, PassManager, Problem, Report
 
 __all__ = [
@@ -40,6 +42,11 @@ __all__ = [
     "registered",
     "rule",
     "testing",
+    "leaf",
+    "new_buffer",
+    "new_constant",
+    "new_parameter",
+    "value_of",
 ]
 __version__ = "0.1.0"
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from torchgraft.ir.pattern import accepts, argument_name, call_args_like, same_value, target_name
+from torchgraft.ir.arguments import argument_name, call_args_like
+from torchgraft.ir.pattern import accepts, same_value, target_name
 from torchgraft.ir.provenance import describe
 from torchgraft.ir.rule import Match, Rule
 
@@ -77,6 +78,8 @@ class _Solver:
         self.is_live = is_live
         self.accept = accept
         self.record = record
+        self.commutative = frozenset(p for p in self.pattern.ops if p.target in rule.commutative)
+        """Pattern ops declared commutative (a set of nodes: cheaper to test than targets)."""
         self.failure: Failure | None = None
 
     def _fail(self, ctx: tuple | None, kind: str, reason: Callable[[], str]) -> None:
@@ -118,7 +121,7 @@ class _Solver:
             return state if failure is None else self._reject(failure)
         p, src = pending
         for cand in state[src].users:
-            if cand.target == p.target and cand not in used and self.is_live(cand):
+            if self.pattern.calls_same(p, cand) and cand not in used and self.is_live(cand):
                 solved = self._unify([(p, cand, None)], dict(state), set(used))
                 if solved is not None:
                     return solved
@@ -134,6 +137,24 @@ class _Solver:
         while work:
             p, g, ctx = work.pop()
             if isinstance(p, fx.Node):
+                if p.op == "get_attr":
+                    if not (isinstance(g, fx.Node) and g.op == "get_attr"):
+                        return self._fail(
+                            ctx,
+                            "wrong_op",
+                            lambda p=p, g=g: (
+                                f"pattern attribute '{p.target}' matches a get_attr, found {_show(g)}"
+                            ),
+                        )
+                    if state.setdefault(p, g) is not g:
+                        return self._fail(
+                            ctx,
+                            "parameter_bound_twice",
+                            lambda p=p, g=g, s=state: (
+                                f"pattern attribute '{p.target}' is bound to {_show(s[p])} but here is {_show(g)}"
+                            ),
+                        )
+                    continue
                 if p.op == "placeholder":
                     if p in state:
                         if not same_value(state[p], g):
@@ -162,7 +183,7 @@ class _Solver:
                         "wrong_op",
                         lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}",
                     )
-                if g.op != p.op or g.target != p.target:
+                if g.op != p.op or (g.target != p.target and not self.pattern.calls_same(p, g)):
                     return self._fail(
                         ctx,
                         "wrong_op",
@@ -198,7 +219,7 @@ class _Solver:
                         ),
                     )
                 pairs = [(pa, ga, (p, i, ())) for i, (pa, ga) in enumerate(zip(pargs, gargs))]
-                if p.target in self.rule.commutative and len(pairs) >= 2:
+                if p in self.commutative and len(pairs) >= 2:
                     swapped = [(pargs[0], gargs[1], (p, 0, ())), (pargs[1], gargs[0], (p, 1, ()))]
                     for alternative in (pairs, swapped + pairs[2:]):
                         solved = self._unify(work + alternative[::-1], dict(state), set(used))
@@ -242,7 +263,7 @@ value of a match alive, and are removed with it."""
 
 def is_assertion(node: fx.Node) -> bool:
     """Whether ``node`` only checks another node's metadata (see :data:`ASSERTION_TARGETS`)."""
-    return node.op == "call_function" and node.target in ASSERTION_TARGETS
+    return node.op == "call_function" and any(node.target is t for t in ASSERTION_TARGETS)
 
 
 def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
@@ -323,7 +344,7 @@ def _may_match(rule: Rule, node: fx.Node) -> bool:
         return True
     args = call_args_like(node, len(rule.pattern.args[rule.pattern.anchor]))
     orders = [args]
-    if node.target in rule.commutative and len(args) >= 2:
+    if rule.pattern.anchor.target in rule.commutative and len(args) >= 2:
         orders.append((args[1], args[0], *args[2:]))
     return any(
         all(i < len(a) and isinstance(a[i], fx.Node) and a[i].target == t for i, t in expected)
@@ -342,7 +363,7 @@ class _AnchoredMatcher:
 
     def __call__(self, node: fx.Node) -> Match | None:
         anchor = self.rule.pattern.anchor
-        if node.op != anchor.op or node.target != anchor.target or not self.is_live(node):
+        if not self.rule.pattern.calls_same(anchor, node) or not self.is_live(node):
             return None
         if not _may_match(self.rule, node):
             return None
@@ -367,7 +388,11 @@ def find_matches(
     match_here = _AnchoredMatcher(rule, handler, is_live)
     claimed: set[fx.Node] = set()
     matches = []
-    for node in graph.find_nodes(op=anchor.op, target=anchor.target):
+    if anchor.op == "call_module":  # any call of a module of the pattern's class
+        candidates = graph.find_nodes(op="call_module")
+    else:
+        candidates = graph.find_nodes(op=anchor.op, target=anchor.target)
+    for node in candidates:
         if node in claimed:
             continue
         match = match_here(node)
@@ -399,7 +424,7 @@ def explain(rule: Rule, node: fx.Node, handler: Any = None) -> Explanation:
     """Say why ``rule`` does (or does not) match at ``node``: the first pattern node and
     argument that failed and why, or the validity check or filter that rejected it."""
     anchor = rule.pattern.anchor
-    if node.op != anchor.op or node.target != anchor.target:
+    if not rule.pattern.calls_same(anchor, node):
         failure = Failure(
             "wrong_anchor",
             f"the pattern ends in {target_name(anchor)} but {describe(node)} is "

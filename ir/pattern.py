@@ -4,12 +4,12 @@ The pattern's parameters are wildcards: each binds one node or one literal of th
 graph, and a parameter used twice must bind the same thing twice. Literals written in the
 pattern must match exactly; a literal that may vary (an ``eps``, a ``dim``) is declared free
 by making it a parameter. A parameter annotated ``torch.Tensor`` binds only nodes, one
-annotated ``float`` / ``int`` / ``bool`` / ``str`` only literals of that type.
+annotated ``float`` / ``int`` / ``bool`` / ``str`` only literals of that type, one annotated
+``nn.Parameter`` / ``nn.Buffer`` only a ``get_attr`` of a parameter / buffer of the graph module.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 import typing
@@ -17,58 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
+from torchgraft.ir.arguments import call_args
 from torchgraft.ir.errors import RuleDefinitionError
-
-_REQUIRED = object()
-
-
-@functools.cache
-def _schema(target: Any) -> tuple[tuple[str, Any], ...] | None:
-    """``(name, default)`` per argument of an OpOverload's schema; None for other targets."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return None
-    return tuple(
-        (a.name, a.default_value if a.has_default_value() else _REQUIRED)
-        for a in target._schema.arguments
-    )
-
-
-def call_args(node: fx.Node) -> tuple:
-    """The node's arguments as one positional tuple, schema defaults filled in.
-
-    ``aten.mean.dim(x, [-1], keepdim=True)`` and ``aten.mean.dim(x, [-1], True)`` give the
-    same tuple. Targets without a schema (torch-level functions, methods) keep their
-    positional arguments followed by their keyword arguments sorted by name.
-    """
-    schema = _schema(node.target) if node.op == "call_function" else None
-    if schema is None:
-        return tuple(node.args) + tuple(v for _, v in sorted(node.kwargs.items()))
-    args, kwargs = node.args, node.kwargs
-    if not kwargs and len(args) == len(schema):
-        return tuple(args)
-    out = list(args)
-    for name, default in schema[len(args) :]:
-        value = kwargs.get(name, default)
-        out.append(None if value is _REQUIRED else value)
-    return tuple(out)
-
-
-def call_args_like(node: fx.Node, length: int) -> tuple:
-    """:func:`call_args` with a fast path: a node without keyword arguments that already
-    has ``length`` positional ones (the usual case in exported graphs) is returned as is."""
-    if not node.kwargs and len(node.args) == length:
-        return node.args
-    return call_args(node)
-
-
-def argument_name(node: fx.Node, index: int) -> str:
-    """Human name of argument ``index`` of ``node`` (schema name where known)."""
-    schema = _schema(node.target) if node.op == "call_function" else None
-    if schema is not None and index < len(schema):
-        return f"argument {index} ('{schema[index][0]}')"
-    return f"argument {index}"
+from torchgraft.ir.state import is_buffer, is_parameter
 
 
 def target_name(node: fx.Node) -> str:
@@ -76,6 +29,9 @@ def target_name(node: fx.Node) -> str:
     target = node.target
     if node.op == "call_method":
         return f".{target}()"
+    if node.op == "call_module":
+        kind = module_type(node)
+        return f"{target} ({kind.__name__ if kind is not None else 'module'})"
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
     module = getattr(target, "__module__", None) or ""
@@ -90,6 +46,10 @@ def accepts(annotation: Any, value: Any) -> bool:
         return any(accepts(a, value) for a in typing.get_args(annotation))
     if annotation is None or annotation is type(None):
         return value is None
+    if annotation is nn.Parameter:
+        return is_parameter(value)
+    if annotation is nn.Buffer:
+        return is_buffer(value)
     if annotation is torch.Tensor or annotation is fx.Node:
         return isinstance(value, fx.Node)
     if isinstance(value, fx.Node) or not isinstance(annotation, type):
@@ -109,31 +69,55 @@ def _annotations(fn: Callable) -> dict[str, Any]:
     }
 
 
+OPS = ("call_function", "call_method", "call_module")
+"""Node kinds a pattern matches and a match replaces."""
+
+
+def module_type(node: fx.Node) -> type | None:
+    """The class of the submodule a ``call_module`` node calls (None if unresolvable)."""
+    root = node.graph.owning_module
+    try:
+        return type(root.get_submodule(node.target)) if root is not None else None
+    except AttributeError:
+        return None
+
+
 class Pattern:
-    """A pattern function traced into an fx graph of placeholders, ops and outputs."""
+    """A pattern traced into an fx graph of placeholders, ops and outputs.
+
+    ``fn`` is a function, an ``nn.Module`` (traced with ``torch.fx.symbolic_trace``, its
+    leaf submodules kept as ``call_module`` nodes that match any call of a module of the
+    same class) or an ``fx.GraphModule`` (used as is). A ``get_attr`` in a module pattern
+    matches any ``get_attr`` of the graph (as in ``torch.fx.replace_pattern``); it is bound,
+    not replaced, and is not a parameter of the replacement.
+    """
 
     def __init__(self, fn: Callable, *, where: str) -> None:
         self.fn = fn
         try:
-            self.graph = fx.symbolic_trace(fn).graph
+            self.module = fn if isinstance(fn, fx.GraphModule) else fx.symbolic_trace(fn)
         except Exception as exc:
             raise RuleDefinitionError(f"pattern {where} could not be traced: {exc}") from exc
-        self.annotations = _annotations(fn)
+        self.graph = self.module.graph
+        self.annotations = _annotations(fn.forward if isinstance(fn, nn.Module) else fn)
         self.placeholders: dict[str, fx.Node] = {}
         self.ops: list[fx.Node] = []
         self.outputs: list[fx.Node] = []
+        self.module_types: dict[fx.Node, type] = {}
+        """Class of the submodule each ``call_module`` pattern node stands for."""
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 self.placeholders[node.target] = node  # the parameter's name
             elif node.op == "output":
                 result = node.args[0]
                 self.outputs = list(result) if isinstance(result, (tuple, list)) else [result]
-            elif node.op in ("call_function", "call_method"):
+            elif node.op in OPS:
                 self.ops.append(node)
-            else:
+                if node.op == "call_module":
+                    self.module_types[node] = module_type(node)
+            elif node.op != "get_attr":
                 raise RuleDefinitionError(
-                    f"pattern {where}: '{node.format_node()}' is not allowed in a pattern "
-                    "(patterns call ops on their parameters; tensors constants and modules are not supported)"
+                    f"pattern {where}: '{node.format_node()}' is not allowed in a pattern"
                 )
         self._validate(where)
         self.anchor = self.outputs[0]
@@ -143,7 +127,7 @@ class Pattern:
         self.anchor_arg_targets = tuple(
             (i, arg.target)
             for i, arg in enumerate(self.args[self.anchor])
-            if isinstance(arg, fx.Node) and arg.op != "placeholder"
+            if isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method")
         )
         """``(position, target)`` of the anchor's arguments that are ops: a cheap pre-check."""
 
@@ -151,7 +135,7 @@ class Pattern:
         if not self.ops:
             raise RuleDefinitionError(f"pattern {where} calls no op")
         for out in self.outputs:
-            if not isinstance(out, fx.Node) or out.op not in ("call_function", "call_method"):
+            if not isinstance(out, fx.Node) or out.op not in OPS:
                 raise RuleDefinitionError(
                     f"pattern {where}: every output must be the result of an op, got {out!r}"
                 )
@@ -162,6 +146,14 @@ class Pattern:
             raise RuleDefinitionError(
                 f"pattern {where}: its outputs share no node or parameter; write separate rules"
             )
+
+    def calls_same(self, p: fx.Node, g: fx.Node) -> bool:
+        """Whether graph node ``g`` calls what pattern op ``p`` calls (a module by class)."""
+        if g.op != p.op:
+            return False
+        if p.op == "call_module":
+            return module_type(g) is self.module_types[p]
+        return g.target == p.target
 
     def _connected(self) -> bool:
         seen, todo = set(), [self.outputs[0]]

@@ -18,8 +18,15 @@ from torch.fx.node import map_arg
 from torchgraft.ir.errors import RewriteError, RuleDefinitionError, TorchgraftError
 from torchgraft.ir.matcher import find_matches, is_assertion
 from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
-from torchgraft.ir.replacement import Template, signature, trace_replacement
+from torchgraft.ir.replacement import (
+    Template,
+    describe_value,
+    output_mismatch,
+    signature,
+    trace_replacement,
+)
 from torchgraft.ir.rule import Match, Rule
+from torchgraft.ir.state import NEW_ATTRIBUTE, AttributeJournal, NewAttribute
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
@@ -33,6 +40,8 @@ class GraphEditor:
         self._inserted: list[fx.Node] = []
         self._rewired: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []
         self._forward: dict[fx.Node, fx.Node] = {}
+        self._name_counts: dict[str, int] | None = None
+        self._attributes = AttributeJournal()
 
     def is_live(self, node: fx.Node) -> bool:
         """False for nodes replaced earlier in this transaction."""
@@ -44,11 +53,15 @@ class GraphEditor:
             value = self._forward[value]
         return value
 
-    def insert_copy(self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any]) -> fx.Node:
-        """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta."""
+    def insert_copy(
+        self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any], target: Any = None
+    ) -> fx.Node:
+        """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta
+        (and ``target`` instead of the node's, when given)."""
+        self._journal_names()
         new = self.graph.create_node(
             node.op,
-            node.target,
+            node.target if target is None else target,
             map_arg(node.args, env.__getitem__),
             map_arg(node.kwargs, env.__getitem__),
             name=node.name,
@@ -56,6 +69,31 @@ class GraphEditor:
         new.meta = meta
         self._inserted.append(new)
         return new
+
+    def _journal_names(self) -> None:
+        """Remember the graph namespace's counters before the first insertion, so that a
+        rollback frees the names it allocated (a later run then names nodes like a fresh one)."""
+        if self._name_counts is None:
+            self._name_counts = dict(self.graph._graph_namespace._base_count)
+
+    def _free_names(self) -> None:
+        namespace = self.graph._graph_namespace
+        for node in self._inserted:
+            namespace._used_names.discard(node.name)
+            namespace._obj_to_name.pop(node, None)
+        if self._name_counts is not None:
+            namespace._base_count.clear()
+            namespace._base_count.update(self._name_counts)
+
+    def add_attribute(self, module_fqn: str, attribute: NewAttribute) -> str:
+        """Register new state on the graph's module under ``module_fqn``; returns its FQN."""
+        root = self.graph.owning_module
+        if root is None:
+            raise RuleDefinitionError(
+                f"the replacement creates {attribute.kind} {attribute.name!r}, but the graph "
+                "belongs to no module that could hold it"
+            )
+        return self._attributes.register(root, module_fqn, attribute)
 
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         users = old.replace_all_uses_with(new)
@@ -65,13 +103,34 @@ class GraphEditor:
     def retire(self, nodes: Any) -> None:
         self._retired.update(nodes)
 
+    def check(self) -> None:
+        """``graph.lint()`` for what this transaction changed (nothing else was touched):
+        every inserted node, and every node whose inputs were moved, is live and uses only
+        live nodes defined before it. Costs one pass over the nodes instead of lint's ~2 µs
+        per node."""
+        edited = [*self._inserted, *(u for _, _, users in self._rewired for u in users)]
+        if not edited:
+            return
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        for node in edited:
+            if node in self._retired:
+                continue
+            for arg in node.all_input_nodes:
+                if arg in self._retired or order.get(arg, len(order)) >= order[node]:
+                    state = "replaced" if arg in self._retired else "defined after it"
+                    raise TorchgraftError(
+                        f"internal error: after rewriting, '{node.format_node()}' uses "
+                        f"'{arg.name}', which is {state}"
+                    )
+
     def commit(self) -> None:
-        """Check the graph, then erase the retired nodes (which nothing live uses, so the
+        """Check the edits, then erase the retired nodes (which nothing live uses, so the
         erasure cannot break what the check accepted; a failed check can still roll back)."""
-        self.graph.lint()
+        self.check()
         for node in reversed(self.graph.nodes):
             if node in self._retired:
                 self.graph.erase_node(node)
+        self._attributes.commit()
         self._reset()
 
     def rollback(self) -> None:
@@ -81,6 +140,8 @@ class GraphEditor:
                 user.replace_input_with(new, old)
         for node in reversed(self._inserted):
             self.graph.erase_node(node)
+        self._free_names()
+        self._attributes.rollback()
         self._reset()
 
     def _reset(self) -> None:
@@ -88,6 +149,7 @@ class GraphEditor:
         self._inserted.clear()
         self._rewired.clear()
         self._forward.clear()
+        self._name_counts = None
 
     def node_order(self) -> dict[fx.Node, int]:
         return {node: i for i, node in enumerate(self.graph.nodes)}
@@ -106,6 +168,26 @@ class MatchRecord:
     created: list[str]
     overwrote: dict[str, dict]
     """Replaced nodes that an earlier rule created: name → their provenance."""
+    attributes: list[str] = dataclasses.field(default_factory=list)
+    """FQNs of the parameters, buffers and constants the replacement registered."""
+
+
+def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
+    """Refuse a replacement whose outputs' shapes or dtypes differ from the matched ones:
+    the graph's users of those values would break only when the model runs."""
+    rule = match.rule
+    for i, (old, out) in enumerate(zip(match.outputs, template.outputs)):
+        new_val, old_val = out.meta.get("val"), old.meta.get("val")
+        if output_mismatch(new_val, old_val):
+            raise RewriteError(
+                f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): replacement "
+                f"output {i} is {describe_value(new_val)} but it replaces {describe(old)}, "
+                f"which is {describe_value(old_val)}",
+                handler=handler_name,
+                rule=rule.name,
+                node=old.name,
+                source=user_source(old),
+            )
 
 
 class RuleApplier:
@@ -150,14 +232,18 @@ class RuleApplier:
             template = cache.get(key) if key is not None else None
             if template is None:
                 template = trace_replacement(rule, match)
-                if key is not None:
+                if key is not None and not template.per_match:
                     cache[key] = template
+            if rule.check_outputs:
+                _check_outputs(match, template, handler_name)
             provenance = {
                 "handler": handler_name,
                 "rule": rule.name,
                 "replaced": [n.name for n in match.nodes.values()],
             }
-            created = self._splice(match, template, provenance)
+            created, attributes = self._splice(match, template, provenance)
+        except RewriteError:
+            raise
         except Exception as exc:
             source = user_source(match.anchor)
             raise RewriteError(
@@ -178,6 +264,7 @@ class RuleApplier:
             overwrote={
                 n.name: n.meta[META_KEY] for n in match.nodes.values() if META_KEY in n.meta
             },
+            attributes=attributes,
         )
 
     @staticmethod
@@ -194,7 +281,9 @@ class RuleApplier:
             )
         match.bindings.update(extra)
 
-    def _splice(self, match: Match, template: Template, provenance: dict) -> list[fx.Node]:
+    def _splice(
+        self, match: Match, template: Template, provenance: dict
+    ) -> tuple[list[fx.Node], list[str]]:
         editor, anchor = self.editor, match.anchor
         env: dict[fx.Node, Any] = {
             node: editor.resolve(match.bindings[name])
@@ -202,10 +291,19 @@ class RuleApplier:
         }
         inherited = {key: anchor.meta[key] for key in _COPIED_META if key in anchor.meta}
         inherited[META_KEY] = provenance
-        created = []
+        created, attributes = [], []
         with editor.graph.inserting_before(self._insertion_point(match, env)):
             for node in template.ops:
-                new = editor.insert_copy(node, env, {**inherited, "val": node.meta["val"]})
+                target = None
+                if NEW_ATTRIBUTE in node.meta:
+                    attribute = node.meta[NEW_ATTRIBUTE]
+                    module = match.module_fqn if attribute.module is None else attribute.module
+                    target = editor.add_attribute(module, attribute)
+                    attributes.append(target)
+                meta = dict(inherited)
+                if "val" in node.meta:  # a leaf call without a fake function has none
+                    meta["val"] = node.meta["val"]
+                new = editor.insert_copy(node, env, meta, target)
                 env[node] = new
                 created.append(new)
         for old, out in zip(match.outputs, template.outputs):
@@ -213,7 +311,7 @@ class RuleApplier:
         replaced = match.nodes.values()
         editor.retire(replaced)
         editor.retire(u for node in replaced for u in node.users if is_assertion(u))
-        return created
+        return created, attributes
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:
         """Before the anchor for one output; for several, right after the last input."""

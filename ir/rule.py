@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from torchgraft.ir.errors import RuleDefinitionError
 from torchgraft.ir.pattern import Pattern
@@ -89,45 +89,69 @@ class Rule:
         include: Iterable[str] = (),
         exclude: Iterable[str] = (),
         commutative: Iterable[Any] = (),
+        check_outputs: bool = True,
     ) -> None:
-        self.name = name or pattern.__name__
+        self.name = name or getattr(pattern, "__name__", type(pattern).__name__)
         self._named = name is not None
-        self.location = _location(pattern)
+        self.location = _location(type(pattern) if isinstance(pattern, nn.Module) else pattern)
         self.pattern = Pattern(pattern, where=f"'{self.name}' ({self.location})")
         self.where = where
         self.include = _globs(include, "include")
         self.exclude = _globs(exclude, "exclude")
         self.commutative = frozenset(COMMUTATIVE if commutative is True else commutative)
+        self.check_outputs = check_outputs
+        """Refuse replacement outputs whose shape or dtype differ from the matched ones."""
         self.replace_fn: Callable | None = None
         self.wants_handler = False
+        self.argument_names: dict[str, str] = {}
+        """Pattern parameter → the replacement's parameter that receives it."""
 
     def replacement(self, fn: Callable) -> Callable:
         """Decorator: attach the replacement, a function of the pattern's parameters.
 
-        The replacement is traced with the matched values: tensor parameters arrive as
+        It may be a function, an ``nn.Module`` or an ``fx.GraphModule`` (called with the
+        values; its submodules' computations are inlined and the tensors they use become
+        state of each match, see :mod:`torchgraft.ir.state`). The replacement is traced
+        with the matched values: tensor parameters arrive as
         proxies whose ``.shape`` / ``.dtype`` are the matched node's, literal parameters
         as their values. An optional first parameter ``self`` receives the handler
         instance (its options). It returns one value per pattern output.
+
+        Parameters bind by name when every one of them names a pattern parameter (a
+        ``**inputs`` parameter takes the rest, and the handler's ``extra_inputs``);
+        otherwise by position, as ``torch.fx.replace_pattern`` does, when there are as
+        many as the pattern has and none names a pattern parameter at another position.
         """
-        params = inspect.signature(fn).parameters
+        params = inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters
         names = list(params)
         self.wants_handler = bool(names) and names[0] == "self"
         takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
         names = [
             n for n in names[self.wants_handler :] if params[n].kind is not params[n].VAR_KEYWORD
         ]
-        missing = [p for p in self.pattern.params if p not in names and not takes_var_kw]
-        unknown = [n for n in names if n not in self.pattern.params]
-        if missing or unknown:
+        wanted = self.pattern.params
+        missing = [p for p in wanted if p not in names and not takes_var_kw]
+        unknown = [n for n in names if n not in wanted]
+        if not missing and not unknown:
+            self.argument_names = {p: p for p in wanted}
+        elif (
+            len(names) == len(wanted)
+            and not takes_var_kw
+            and all(n not in wanted or wanted.index(n) == i for i, n in enumerate(names))
+        ):
+            self.argument_names = dict(zip(wanted, names))
+        else:
             detail = []
             if missing:
                 detail.append(f"does not accept the pattern's parameters {missing}")
             if unknown:
                 detail.append(f"has parameters {unknown} that the pattern does not bind")
+            shown = getattr(fn, "__name__", type(fn).__name__)
             raise RuleDefinitionError(
-                f"rule '{self.name}' ({self.location}): replacement {fn.__name__!r} "
+                f"rule '{self.name}' ({self.location}): replacement {shown!r} "
                 + " and ".join(detail)
-                + f"; the pattern binds {self.pattern.params}"
+                + f"; the pattern binds {wanted} (by name, or by position with "
+                f"{len(wanted)} parameters)"
             )
         self.replace_fn = fn
         return fn
@@ -157,7 +181,9 @@ def rule(pattern: Callable | None = None, /, **options: Any) -> Rule | Callable[
     Keywords: ``name``; ``where`` (predicate on the :class:`Match`); ``include`` /
     ``exclude`` (module FQN globs, matched against ``m.module_fqn``); ``commutative``
     (ops whose first two operands may match in either order, or ``True`` for
-    :data:`COMMUTATIVE`). Attach the replacement with ``@<rule>.replacement``::
+    :data:`COMMUTATIVE`); ``check_outputs=False`` for a rule that changes the shape or dtype
+    of what it replaces on purpose (by default that is a ``RewriteError``; the graph's later
+    nodes keep their old ``meta["val"]``). Attach the replacement with ``@<rule>.replacement``::
 
         class ReluToGelu(tg.Handler):
             @tg.rule(exclude=["output"])

@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import fx
 
-from torchgraft.ir.pattern import Pattern, accepts, call_args, literal_equal
+from torchgraft.ir.arguments import call_args
+from torchgraft.ir.pattern import Pattern, accepts, literal_equal
 from torchgraft.ir.rule import Rule
 
 
@@ -41,7 +42,7 @@ class _Unifier:
         if isinstance(x, fx.Node) or isinstance(y, fx.Node):
             if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
                 return False
-            if x.op != y.op or x.target != y.target:
+            if not self.a.calls_same(x, y):
                 return False
             xs, ys = call_args(x), call_args(y)
             if len(xs) != len(ys):
@@ -66,4 +67,5 @@ class _Unifier:
 
 
 def _is_param(value: Any) -> bool:
-    return isinstance(value, fx.Node) and value.op == "placeholder"
+    # A module pattern's get_attr binds any get_attr: like a parameter, it unifies widely.
+    return isinstance(value, fx.Node) and value.op in ("placeholder", "get_attr")

@@ -101,3 +101,46 @@ def test_parameters_named_like_fx_builtins_bind_by_their_own_name():
 
     assert to_device.pattern.params == ["x", "dtype", "device"]
     assert to_device.pattern.annotations["device"] is torch.device
+
+
+def test_replacement_binds_by_position_like_replace_pattern(llama_gm, tokens):
+    class ByPosition(tg.Handler):
+        @tg.rule
+        def linear(x, w):
+            return aten.linear.default(x, w)
+
+        @linear.replacement
+        def _(inp, weight):  # other names, same order: bound by position
+            return aten.matmul.default(inp, aten.t.default(weight))
+
+    ref = llama_gm(tokens)
+    report = tg.PassManager([ByPosition]).run(llama_gm)
+    assert report.matches["ByPosition"] > 0 and ByPosition.linear.argument_names == {
+        "x": "inp",
+        "w": "weight",
+    }
+    torch.testing.assert_close(llama_gm(tokens), ref)
+
+
+def test_replacement_binds_by_name_in_any_order():
+    @tg.rule
+    def pat(x, w):
+        return aten.linear.default(x, w)
+
+    @pat.replacement
+    def _(w, x):
+        return aten.matmul.default(x, aten.t.default(w))
+
+    assert pat.argument_names == {"x": "x", "w": "w"}
+
+
+def test_replacement_naming_a_parameter_at_another_position_is_refused():
+    @tg.rule
+    def pat(x, w):
+        return aten.linear.default(x, w)
+
+    with pytest.raises(tg.RuleDefinitionError, match=r"by name, or by position with 2 parameters"):
+
+        @pat.replacement
+        def _(w, bias):
+            return w
