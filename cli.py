@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 3
+"""``torchgraft run`` stopped training: the non-finite limit was hit (``metrics.json`` has
+``status: nonfinite`` and the steps done), or a collective timed out under ``torchrun``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +124,13 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from torchgraft.config import load_config
     from torchgraft.passes.problems import CheckError
-    from torchgraft.train.job import METRICS_FILE, is_main_process, run_job
+    from torchgraft.train.job import (
+        METRICS_FILE,
+        STATUS_ALREADY_FINISHED,
+        is_main_process,
+        run_job,
+    )
+    from torchgraft.train.loop import NonFiniteError
 
     config = load_config(args.config)
     try:
@@ -135,16 +144,22 @@ def run(args: argparse.Namespace) -> int:
     except CheckError as exc:
         print(f"torchgraft run: the plan has problems; nothing was trained\n{exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    except NonFiniteError as exc:
+        print(f"torchgraft run: training stopped: {exc} (wrote {METRICS_FILE})", file=sys.stderr)
+        return EXIT_TRAINING_STOPPED
     if not is_main_process():
         return EXIT_OK
     print(result.report)
-    losses = result.train.losses
+    if result.status == STATUS_ALREADY_FINISHED:
+        print(f"the run already finished (step {result.train.start_step}); kept {METRICS_FILE}")
+        return EXIT_OK
+    losses = result.train.history
     print(
         f"trained {result.train.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
         f"{result.train.tokens_per_s:,.0f} tokens/s"
     )
     if result.baseline is not None:
-        print(f"baseline (unconverted): loss -> {result.baseline.losses[-1]:.3f}")
+        print(f"baseline (unconverted): loss -> {result.baseline.history[-1]:.3f}")
     print(f"wrote {result.out_dir / METRICS_FILE}")
     return EXIT_OK
 
