@@ -154,12 +154,10 @@ class Checkpointer:
         content = manifest.verify(path)
         state = self._state(dict(loop))
         self._check_run(path, content, state["model"])
+        reader = manifest.SafeReader(path)
+        reader.read_metadata()  # refuses a crafted .metadata here, before DCP retries it
         with _quiet_single_process():
-            dcp.load(
-                state,
-                storage_reader=manifest.SafeReader(path),
-                planner=manifest.SafeLoadPlanner(),
-            )
+            dcp.load(state, storage_reader=reader, planner=manifest.SafeLoadPlanner())
         set_state_dict(
             self.model,
             self.optimizer,

@@ -75,7 +75,9 @@ def run_job(
     try:
         result = train(runnable, train_config, handlers=pm.handlers)
     except NonFiniteError as exc:
-        _write_metrics(out, _metrics(config, report, exc.result, None, train_config, STATUS_NONFINITE))
+        _write_metrics(
+            out, _metrics(config, report, exc.result, None, train_config, STATUS_NONFINITE)
+        )
         raise
     if not result.losses and (out / METRICS_FILE).is_file():
         kept = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
