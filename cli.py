@@ -122,6 +122,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("run", "capture, convert, verify and train a model; write metrics.json", _run_arguments)
 def run(args: argparse.Namespace) -> int:
+    from torchgraft import preflight
     from torchgraft.config import load_config
     from torchgraft.passes.problems import CheckError
     from torchgraft.train.job import (
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from torchgraft.train.loop import NonFiniteError
 
     config = load_config(args.config)
+    preflight.check_run(config, steps=args.steps, out=args.out, dump_ir=args.dump_ir)
     try:
         result = run_job(
             config,
@@ -197,11 +199,16 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("check", "check a config's plan: order, conflicts, matches, numerics", _check_arguments)
 def check(args: argparse.Namespace) -> int:
+    from torchgraft import preflight
     from torchgraft.config import load_config
     from torchgraft.passes.expect import compare_expectation, load_expectation, write_expectation
 
     config = load_config(args.config)
     expected = load_expectation(args.expect) if args.expect else None
+    if args.write_expect:
+        preflight.check_output_file(args.write_expect, "--write-expect")
+    if args.dump_ir:
+        preflight.check_output_dir(args.dump_ir, "--dump-ir")
     result = config.check()
     if args.dump_ir:
         _dump_ir(config, args.dump_ir)
@@ -243,10 +250,15 @@ def _viz_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("viz", "render the graph before and after the plan (SVG + one HTML page)", _viz_arguments)
 def viz(args: argparse.Namespace) -> int:
+    from torchgraft import preflight
     from torchgraft.config import load_config
     from torchgraft.tools import visualize
 
     config = load_config(args.config)
+    preflight.check_graphviz()
+    preflight.check_output_dir(args.out, "--out")
+    if args.dump_ir:
+        preflight.check_output_dir(args.dump_ir, "--dump-ir")
     return visualize.main(args, _captured(config), list(config.handlers))
 
 
