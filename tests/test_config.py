@@ -91,7 +91,7 @@ def test_defaults():
             "2:16",
             "train.steps: expected int, got 'ten'",
         ),
-        ("model: {factory: a:b}\ntrain: {steps: -1}\n", "2:8", "steps must be >= 0"),
+        ("model: {factory: a:b}\ntrain: {steps: -1}\n", "2:16", "train.steps: must be >= 1"),
         ("model: {factory: a:b}\ntrain: {betas: [1]}\n", "2:16", "expected 2 items, got 1"),
         ("model: {factory: a:b}\nverify: maybe\n", "2:9", "verify: expected bool, got 'maybe'"),
         ("model: {factory: a:b}\ncapture: {method: jit}\n", "2:19", "'export' | 'symbolic_trace'"),
