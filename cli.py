@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -149,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"torchgraft run: training stopped: {exc} (wrote {METRICS_FILE})", file=sys.stderr)
         return EXIT_TRAINING_STOPPED
+    except RuntimeError as exc:
+        _exit_on_collective_failure(exc)
+        raise
     if not is_main_process():
         return EXIT_OK
     print(result.report)
@@ -164,6 +168,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"baseline (unconverted): loss -> {result.baseline.history[-1]:.3f}")
     print(f"wrote {result.out_dir / METRICS_FILE}")
     return EXIT_OK
+
+
+def _exit_on_collective_failure(exc: RuntimeError) -> None:
+    """A collective that timed out under ``torchrun``: say which rank saw it, in one line,
+    and leave at once (tearing the process group down would wait on the hung rank)."""
+    from torchgraft.passes.parallelize import collective_failure
+
+    message = collective_failure(exc)
+    if message is not None:
+        print(f"torchgraft run: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_TRAINING_STOPPED)
 
 
 def _positive_int(text: str) -> int:

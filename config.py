@@ -52,6 +52,7 @@ from torchgraft.handlers.options import conforms, shown, type_name
 from torchgraft.ir.capture import capture
 from torchgraft.ir.errors import CaptureError, TorchgraftError
 from torchgraft.passes import CheckResult, HandlerEntry, PassManager
+from torchgraft.passes.parallelize import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TRAIN_TIMEOUT_S
 from torchgraft.train.config import FieldError, TrainConfig
 
 MAX_DEPTH = 64
@@ -152,8 +153,18 @@ class ParallelConfig:
     sequence_parallel: bool = True
     """Keep activations between tensor-parallel regions sharded along the tokens (float8
     linears then gather their inputs as float8)."""
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S
+    """Seconds a collective may wait for the other ranks until the first training step is
+    done (joining, sharding, compiling): a hung rank ends the job after this long."""
+    train_timeout_s: float = DEFAULT_TRAIN_TIMEOUT_S
+    """Seconds a collective may wait for the other ranks during training."""
 
     def __post_init__(self) -> None:
+        for name in ("init_timeout_s", "train_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise FieldError(
+                    "parallel", name, f"must be > 0 seconds, got {getattr(self, name)}"
+                )
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if not isinstance(self.fsdp, bool) and self.fsdp < 1:

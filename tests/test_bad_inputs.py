@@ -248,7 +248,8 @@ CASES = [
     C("parallel-plan-value", config_text(parallel="{plan: {a: 5}}"), "parallel.plan"),
     C("parallel-sp-int", config_text(parallel="{sequence_parallel: 3}"), "sequence_parallel"),
     C("parallel-without-torchrun", config_text(parallel="{tp: 2}"), "parallel"),
-    C("parallel-timeout", config_text(parallel="{timeout_s: 0}"), "timeout_s"),
+    C("parallel-train-timeout", config_text(parallel="{train_timeout_s: 0}"), "train_timeout_s"),
+    C("parallel-init-timeout", config_text(parallel="{init_timeout_s: -1}"), "init_timeout_s"),
     C("compile-int", config_text(compile="{enabled: 3}"), "compile.enabled"),
     # --- train
     C("steps-zero", config_text(train=train(steps="0")), "steps"),

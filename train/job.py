@@ -14,7 +14,11 @@ import torch
 from torch import fx, nn
 
 from torchgraft.config import Config, ConfigError
-from torchgraft.passes.parallelize import data_parallel_degree, parallelize
+from torchgraft.passes.parallelize import (
+    data_parallel_degree,
+    parallelize,
+    set_collective_timeout,
+)
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
 from torchgraft.train.loop import NonFiniteError, TrainResult, train
@@ -72,8 +76,9 @@ def run_job(
     pm = config.pass_manager(inputs)
     report = pm.run(gm)
     runnable = _parallelize_and_compile(config, gm)
+    hooks = [*pm.handlers, *_train_timeout(config)]
     try:
-        result = train(runnable, train_config, handlers=pm.handlers)
+        result = train(runnable, train_config, handlers=hooks)
     except NonFiniteError as exc:
         _write_metrics(
             out, _metrics(config, report, exc.result, None, train_config, STATUS_NONFINITE)
@@ -107,6 +112,24 @@ def run_job(
             out / LOSS_PLOT_FILE,
         )
     return JobResult(out, report, result, baseline, metrics)
+
+
+class _TrainTimeout:
+    """Switches the collectives to ``parallel.train_timeout_s`` after the first applied
+    step (the init timeout covers joining, sharding and the first, compiling, step)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.done = False
+
+    def post_optimizer_hook(self, model_parts: list[nn.Module]) -> None:
+        if not self.done:
+            set_collective_timeout(self.timeout_s)
+            self.done = True
+
+
+def _train_timeout(config: Config) -> list[_TrainTimeout]:
+    return [_TrainTimeout(config.parallel.train_timeout_s)] if config.parallel.enabled else []
 
 
 def baseline_train_config(train_config: TrainConfig) -> TrainConfig:
