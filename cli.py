@@ -9,8 +9,10 @@
     torchgraft list [--import MODULE ...]
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
-read or validated, a missing file, an import or model factory that fails). Bad input
-gives a one-line message on stderr, never a traceback.
+read or validated, a missing file, an unwritable output path, an import or model factory
+that fails, a bad checkpoint), 3 training stopped (the non-finite limit, or a collective
+timeout under ``torchrun``). Bad input gives a one-line message on stderr, never a
+traceback, and is checked before any work (:mod:`torchgraft.preflight`).
 
 Each subcommand is a function registered in :data:`COMMANDS` with :func:`command`; a new
 one needs no change elsewhere::
@@ -82,7 +84,10 @@ def command(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchgraft", description="Model conversions as checked graph rewrites."
+        prog="torchgraft",
+        description="Model conversions as checked graph rewrites.",
+        epilog="exit codes: 0 ok, 1 problems found, 2 unusable input (one line, before any "
+        "work), 3 training stopped (non-finite limit; collective timeout under torchrun)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd in COMMANDS.values():
