@@ -9,8 +9,10 @@
     torchgraft list [--import MODULE ...]
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
-read or validated, a missing file, an import or model factory that fails). Bad input
-gives a one-line message on stderr, never a traceback.
+read or validated, a missing file, an unwritable output path, an import or model factory
+that fails, a bad checkpoint), 3 training stopped (the non-finite limit, or a collective
+timeout under ``torchrun``). Bad input gives a one-line message on stderr, never a
+traceback, and is checked before any work (:mod:`torchgraft.preflight`).
 
 Each subcommand is a function registered in :data:`COMMANDS` with :func:`command`; a new
 one needs no change elsewhere::
@@ -30,6 +32,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +53,9 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 3
+"""``torchgraft run`` stopped training: the non-finite limit was hit (``metrics.json`` has
+``status: nonfinite`` and the steps done), or a collective timed out under ``torchrun``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +85,10 @@ def command(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchgraft", description="Model conversions as checked graph rewrites."
+        prog="torchgraft",
+        description="Model conversions as checked graph rewrites.",
+        epilog="exit codes: 0 ok, 1 problems found, 2 unusable input (one line, before any "
+        "work), 3 training stopped (non-finite limit; collective timeout under torchrun)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd in COMMANDS.values():
@@ -120,11 +129,19 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("run", "capture, convert, verify and train a model; write metrics.json", _run_arguments)
 def run(args: argparse.Namespace) -> int:
+    from torchgraft import preflight
     from torchgraft.config import load_config
     from torchgraft.passes.problems import CheckError
-    from torchgraft.train.job import METRICS_FILE, is_main_process, run_job
+    from torchgraft.train.job import (
+        METRICS_FILE,
+        STATUS_ALREADY_FINISHED,
+        is_main_process,
+        run_job,
+    )
+    from torchgraft.train.loop import NonFiniteError
 
     config = load_config(args.config)
+    preflight.check_run(config, steps=args.steps, out=args.out, dump_ir=args.dump_ir)
     try:
         result = run_job(
             config,
@@ -136,18 +153,39 @@ def run(args: argparse.Namespace) -> int:
     except CheckError as exc:
         print(f"torchgraft run: the plan has problems; nothing was trained\n{exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    except NonFiniteError as exc:
+        print(f"torchgraft run: training stopped: {exc} (wrote {METRICS_FILE})", file=sys.stderr)
+        return EXIT_TRAINING_STOPPED
+    except RuntimeError as exc:
+        _exit_on_collective_failure(exc)
+        raise
     if not is_main_process():
         return EXIT_OK
     print(result.report)
-    losses = result.train.losses
+    if result.status == STATUS_ALREADY_FINISHED:
+        print(f"the run already finished (step {result.train.start_step}); kept {METRICS_FILE}")
+        return EXIT_OK
+    losses = result.train.history
     print(
         f"trained {result.train.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
         f"{result.train.tokens_per_s:,.0f} tokens/s"
     )
     if result.baseline is not None:
-        print(f"baseline (unconverted): loss -> {result.baseline.losses[-1]:.3f}")
+        print(f"baseline (unconverted): loss -> {result.baseline.history[-1]:.3f}")
     print(f"wrote {result.out_dir / METRICS_FILE}")
     return EXIT_OK
+
+
+def _exit_on_collective_failure(exc: RuntimeError) -> None:
+    """A collective that timed out under ``torchrun``: say which rank saw it, in one line,
+    and leave at once (tearing the process group down would wait on the hung rank)."""
+    from torchgraft.passes.parallelize import collective_failure
+
+    message = collective_failure(exc)
+    if message is not None:
+        print(f"torchgraft run: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_TRAINING_STOPPED)
 
 
 def _positive_int(text: str) -> int:
@@ -183,11 +221,16 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("check", "check a config's plan: order, conflicts, matches, numerics", _check_arguments)
 def check(args: argparse.Namespace) -> int:
+    from torchgraft import preflight
     from torchgraft.config import load_config
     from torchgraft.passes.expect import compare_expectation, load_expectation, write_expectation
 
     config = load_config(args.config)
     expected = load_expectation(args.expect) if args.expect else None
+    if args.write_expect:
+        preflight.check_output_file(args.write_expect, "--write-expect")
+    if args.dump_ir:
+        preflight.check_output_dir(args.dump_ir, "--dump-ir")
     result = config.check()
     if args.dump_ir:
         _dump_ir(config, args.dump_ir)
@@ -229,10 +272,15 @@ def _viz_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("viz", "render the graph before and after the plan (SVG + one HTML page)", _viz_arguments)
 def viz(args: argparse.Namespace) -> int:
+    from torchgraft import preflight
     from torchgraft.config import load_config
     from torchgraft.tools import visualize
 
     config = load_config(args.config)
+    preflight.check_graphviz()
+    preflight.check_output_dir(args.out, "--out")
+    if args.dump_ir:
+        preflight.check_output_dir(args.dump_ir, "--dump-ir")
     return visualize.main(args, _captured(config), list(config.handlers))
 
 

@@ -22,8 +22,10 @@ give ``file:line:column``)::
 
 The file is read with PyYAML's safe loader: no tag can construct a Python object. A config
 runs code only by importing the modules listed in ``imports`` and ``model.factory`` and by
-calling that factory; both are imported with the config's directory and the working
-directory on ``sys.path``. Handler options are checked by the handlers themselves: a bad
+calling that factory; both are imported with the working directory and the config's
+directory appended to the *end* of ``sys.path`` (so a file next to the config never shadows
+an installed module). Values nest at most :data:`MAX_DEPTH` levels and expand (YAML aliases
+included) to at most :data:`MAX_VALUES` items. Handler options are checked by the handlers themselves: a bad
 one is a ``bad_option`` problem of the plan (quoting its config line), not a config error.
 """
 
@@ -33,6 +35,8 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import logging
+import math
 import sys
 import types
 import typing
@@ -44,11 +48,19 @@ import torch
 import yaml
 from torch import fx, nn
 
-from torchgraft.handlers.options import conforms, type_name
+from torchgraft.handlers.options import conforms, shown, type_name
 from torchgraft.ir.capture import capture
-from torchgraft.ir.errors import TorchgraftError
+from torchgraft.ir.errors import CaptureError, TorchgraftError
 from torchgraft.passes import CheckResult, HandlerEntry, PassManager
-from torchgraft.train.config import TrainConfig
+from torchgraft.passes.parallelize import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TRAIN_TIMEOUT_S
+from torchgraft.train.config import FieldError, TrainConfig
+
+MAX_DEPTH = 64
+"""Deepest nesting of lists and mappings a config may have."""
+MAX_VALUES = 100_000
+"""Most items one value may expand to (a guard against YAML alias bombs)."""
+MAX_INPUT_ELEMENTS = 2**28
+"""Most elements of one example input (1 GiB of float32)."""
 
 
 class ConfigError(TorchgraftError):
@@ -74,7 +86,14 @@ class InputSpec:
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {self.dtype!r}; use e.g. float32, bfloat16, int64")
         if any(d < 0 for d in self.shape):
-            raise ValueError(f"shape {list(self.shape)} has a negative dimension")
+            raise FieldError("inputs", "shape", f"{list(self.shape)} has a negative dimension")
+        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
+            raise FieldError(
+                "inputs",
+                "shape",
+                f"{list(self.shape)} has more than {MAX_INPUT_ELEMENTS:,} elements; use a "
+                "small example batch",
+            )
         integer = not (self.torch_dtype.is_floating_point or self.torch_dtype == torch.bool)
         if integer and (self.high is None or self.high < 1):
             raise ValueError(f"{self.dtype} inputs need high >= 1 (values are drawn in [0, high))")
@@ -134,8 +153,18 @@ class ParallelConfig:
     sequence_parallel: bool = True
     """Keep activations between tensor-parallel regions sharded along the tokens (float8
     linears then gather their inputs as float8)."""
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S
+    """Seconds a collective may wait for the other ranks until the first training step is
+    done (joining, sharding, compiling): a hung rank ends the job after this long."""
+    train_timeout_s: float = DEFAULT_TRAIN_TIMEOUT_S
+    """Seconds a collective may wait for the other ranks during training."""
 
     def __post_init__(self) -> None:
+        for name in ("init_timeout_s", "train_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise FieldError(
+                    "parallel", name, f"must be > 0 seconds, got {getattr(self, name)}"
+                )
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if not isinstance(self.fsdp, bool) and self.fsdp < 1:
@@ -221,10 +250,10 @@ class Config:
             raise ConfigError(f"model.factory: {self.model.factory} is not callable", where)
         try:
             model = target(**self.model.kwargs)
-        except Exception as exc:  # the user's factory, called with the user's kwargs
+        except (Exception, SystemExit) as exc:  # the user's factory, called with the user's kwargs
             raise ConfigError(
-                f"model.factory: {self.model.factory}(**{self.model.kwargs!r}) raised "
-                f"{type(exc).__name__}: {exc}",
+                f"model.factory: {self.model.factory}(**{shown(self.model.kwargs)}) raised "
+                f"{type(exc).__name__}: {shown(str(exc))[1:-1]}",
                 where,
             ) from exc
         if not isinstance(model, nn.Module):
@@ -245,8 +274,22 @@ class Config:
         return tuple(spec.make(generator) for spec in self.model.inputs)
 
     def capture_model(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-        """:func:`torchgraft.capture` as the ``capture`` section says."""
-        return capture(model, tuple(inputs), method=self.capture.method, strict=self.capture.strict)
+        """:func:`torchgraft.capture` as the ``capture`` section says; a model torch cannot
+        turn into Python code (a submodule named ``a"b``) is a :class:`ConfigError`."""
+        with _quiet_fake_tensor_log():
+            try:
+                return capture(
+                    model, tuple(inputs), method=self.capture.method, strict=self.capture.strict
+                )
+            except CaptureError as exc:  # its source line and hint, on the one line
+                message = "; ".join(line.strip() for line in str(exc).splitlines())
+                raise ConfigError(f"model: {message}", self.locations.get("model")) from None
+            except SyntaxError as exc:
+                raise ConfigError(
+                    f"model: the captured graph's code does not compile ({exc.msg}: "
+                    f"{shown(exc.text or '')}); give submodules and parameters identifier names",
+                    self.locations.get("model.factory"),
+                ) from None
 
     def pass_manager(self, inputs: Sequence[torch.Tensor] | None = None) -> PassManager:
         """The :class:`PassManager` of the plan (verifying when ``verify`` is set)."""
@@ -267,24 +310,39 @@ class Config:
         with self._search_path():
             try:
                 return importlib.import_module(module)
-            except Exception as exc:  # ImportError, or anything the module raises on import
+            except (Exception, SystemExit) as exc:  # ImportError, or what the module raises
                 raise ConfigError(
-                    f"{key}: cannot import {module!r}: {type(exc).__name__}: {exc}",
+                    f"{key}: cannot import {module!r}: {type(exc).__name__}: {shown(str(exc))[1:-1]}",
                     self.locations.get(key),
                 ) from exc
 
     @contextlib.contextmanager
     def _search_path(self) -> Iterator[None]:
+        """The working directory, then the config's, appended to ``sys.path`` (last, so
+        they never shadow an installed module)."""
         extra = [str(Path.cwd())]
         if self.path is not None:
-            extra.insert(0, str(self.path.resolve().parent))
-        added = [p for p in extra if p not in sys.path]
-        sys.path[:0] = added
+            extra.append(str(self.path.resolve().parent))
+        added = list(dict.fromkeys(p for p in extra if p not in sys.path))
+        sys.path.extend(added)
         try:
             yield
         finally:
             for p in added:
                 sys.path.remove(p)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Keep torch's fake-tensor logger from printing a traceback of an error that is
+    reported as one line (it logs the failing op before re-raising)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_config(path: str | Path) -> Config:
@@ -295,7 +353,7 @@ def load_config(path: str | Path) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
+        raise ConfigError(f"{path}: cannot read the config: {shown(str(exc))[1:-1]}") from None
     return parse_config(text, path)
 
 
@@ -309,6 +367,7 @@ class _Reader:
     against the field's type and remembering where it was written."""
 
     def __init__(self, text: str, path: Path) -> None:
+        self.text = text
         self.loader = yaml.SafeLoader(text)
         self.path = path
         self.locations: dict[str, str] = {}
@@ -322,6 +381,7 @@ class _Reader:
 
     def config(self) -> Config:
         try:
+            self.check_depth()
             root = self.loader.get_single_node()
             if root is None:
                 raise ConfigError(
@@ -338,11 +398,47 @@ class _Reader:
         finally:
             self.loader.dispose()
 
+    def check_depth(self) -> None:
+        """Refuse nesting deeper than :data:`MAX_DEPTH` before composing (which recurses)."""
+        depth = 0
+        for event in yaml.parse(self.text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    mark = event.start_mark
+                    raise ConfigError(
+                        f"values nest more than {MAX_DEPTH} levels deep",
+                        f"{self.path}:{mark.line + 1}:{mark.column + 1}",
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+
+    def construct(self, node: yaml.Node, key: str) -> Any:
+        """The plain value of ``node``, refused if it expands to more than :data:`MAX_VALUES`
+        items (aliases count each time they are used)."""
+        if _expanded_size(node, {}) > MAX_VALUES:
+            raise self.error(
+                node, f"{key}: the value expands to more than {MAX_VALUES:,} items (YAML aliases)"
+            )
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping_items(self, node: yaml.MappingNode, key: str) -> list[tuple[yaml.Node, yaml.Node]]:
+        """``(key, value)`` nodes of a mapping, YAML merge keys (``<<: *x``) applied; every
+        key must be a string."""
+        self.loader.flatten_mapping(node)
+        for key_node, _ in node.value:
+            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR_TAG):
+                raise self.error(
+                    key_node,
+                    f"{key or 'the config'}: keys must be strings, got {_shown(self.loader, key_node)}",
+                )
+        return node.value
+
     def read(self, node: yaml.Node, tp: Any, key: str) -> Any:
         self.locations[key] = self.where(node)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if tp is Any:
-            return self.loader.construct_object(node, deep=True)
+            return self.construct(node, key)
         if tp is HandlerEntry:
             return self.handler(node, key)
         if dataclasses.is_dataclass(tp):
@@ -356,7 +452,7 @@ class _Reader:
                 raise self.error(node, f"{key}: expected a mapping, got {_kind(node)}")
             return {
                 self.read(k, args[0], f"{key}.{k.value}"): self.read(v, args[1], f"{key}.{k.value}")
-                for k, v in node.value
+                for k, v in self.mapping_items(node, key)
             }
         if not isinstance(node, yaml.ScalarNode) or not conforms(
             value := self.loader.construct_object(node), tp
@@ -377,7 +473,7 @@ class _Reader:
             )
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        for key_node, value_node in self.mapping_items(node, key):
             name = key_node.value
             if name not in fields:
                 close = difflib.get_close_matches(str(name), fields, n=1)
@@ -398,8 +494,12 @@ class _Reader:
         ]
         if missing:
             raise self.error(node, f"{section}: missing required key {missing[0]!r}")
-        try:  # the dataclass's own validation, reported at its node
+        try:  # the dataclass's own validation, reported at its node (or its field's)
             return cls(**values, **extra)
+        except FieldError as exc:
+            field = f"{key}.{exc.field}".lstrip(".")
+            location = self.locations.get(field, self.where(node))
+            raise ConfigError(f"{field}: {exc.reason}", location) from None
         except (ValueError, TypeError) as exc:
             raise self.error(node, f"{section}: {exc}") from None
 
@@ -432,14 +532,14 @@ class _Reader:
 
     def handler(self, node: yaml.Node, key: str) -> HandlerEntry:
         """A plan item: ``name`` or ``{name: {option: value}}`` (``optional`` reserved)."""
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG:
             return HandlerEntry(node.value, source=self.where(node))
         if not (isinstance(node, yaml.MappingNode) and len(node.value) == 1):
             raise self.error(
                 node,
                 f"{key}: a handler is a name or {{name: {{option: value}}}}, got {_shown(self.loader, node)}",
             )
-        ((name_node, options_node),) = node.value
+        ((name_node, options_node),) = self.mapping_items(node, key)
         if _is_null(options_node):
             return HandlerEntry(name_node.value, source=self.where(name_node))
         if not isinstance(options_node, yaml.MappingNode):
@@ -447,14 +547,31 @@ class _Reader:
                 options_node, f"{key}: the options of handler {name_node.value!r} must be a mapping"
             )
         options, sources, optional = {}, {}, False
-        for option_node, value_node in options_node.value:
+        for option_node, value_node in self.mapping_items(options_node, key):
             option = option_node.value
             if option == "optional":
                 optional = self.read(value_node, bool, f"{key}.{name_node.value}.optional")
                 continue
-            options[option] = self.loader.construct_object(value_node, deep=True)
+            options[option] = self.construct(value_node, f"{key}.{name_node.value}.{option}")
             sources[option] = self.where(option_node)
         return HandlerEntry(name_node.value, options, optional, self.where(name_node), sources)
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Items ``node`` expands to, each shared (aliased) node counted at every use;
+    ``sizes`` memoizes by node, so the count takes time linear in the distinct nodes."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def _is_null(node: yaml.Node) -> bool:
@@ -467,5 +584,5 @@ def _kind(node: yaml.Node) -> str:
 
 def _shown(loader: yaml.SafeLoader, node: yaml.Node) -> str:
     if isinstance(node, yaml.ScalarNode):
-        return repr(loader.construct_object(node))
+        return shown(loader.construct_object(node))
     return _kind(node)

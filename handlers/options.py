@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import reprlib
 import textwrap
 import types
 import typing
@@ -32,6 +33,17 @@ class OptionError(TorchgraftError):
         super().__init__(message)
         self.handler = handler
         self.option = option
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a readable size (nested and long containers elided with
+    ``...``): error messages quote user values with it, however large they are."""
+    return _SHORT.repr(value)
 
 
 def type_name(tp: Any) -> str:
@@ -88,7 +100,8 @@ def build_options(options_cls: type, values: Mapping[str, Any], *, handler: str)
             )
         if not conforms(value, hints[name]):
             raise OptionError(
-                f"handler '{handler}' option {name!r} must be {type_name(hints[name])}, got {value!r}",
+                f"handler '{handler}' option {name!r} must be {type_name(hints[name])}, "
+                f"got {shown(value)}",
                 handler=handler,
                 option=name,
             )

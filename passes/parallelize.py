@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +32,22 @@ from torchgraft.passes.fsdp import apply_fsdp
 from torchgraft.passes.graph_io import convert_inputs_outputs
 from torchgraft.passes.tensor_parallel import LLAMA_PLAN, apply_tensor_parallel
 
-__all__ = ["ParallelSpec", "build_mesh", "init_distributed", "parallelize"]
+__all__ = [
+    "DEFAULT_INIT_TIMEOUT_S",
+    "DEFAULT_TRAIN_TIMEOUT_S",
+    "ParallelSpec",
+    "build_mesh",
+    "collective_failure",
+    "init_distributed",
+    "parallelize",
+    "set_collective_timeout",
+]
+
+DEFAULT_INIT_TIMEOUT_S = 300.0
+"""Seconds a collective may wait while the job starts (joining, sharding, the first step,
+which includes compiling): a rank that does not answer ends the job after this long."""
+DEFAULT_TRAIN_TIMEOUT_S = 100.0
+"""Seconds a collective may wait once training runs (after the first applied step)."""
 
 
 class ParallelSpec(Protocol):
@@ -42,7 +58,8 @@ class ParallelSpec(Protocol):
     glob → ``"colwise"`` | ``"rowwise"`` | ``"replicate"``; empty means
     :data:`~torchgraft.passes.tensor_parallel.LLAMA_PLAN`. An optional
     ``sequence_parallel`` (default ``True``) keeps activations between the tensor-parallel
-    regions sharded along the tokens.
+    regions sharded along the tokens. Optional ``init_timeout_s`` (default
+    :data:`DEFAULT_INIT_TIMEOUT_S`) bounds every collective until the first training step.
     """
 
     tp: int
@@ -50,9 +67,10 @@ class ParallelSpec(Protocol):
     plan: Mapping[str, str]
 
 
-def init_distributed(device_type: str = "cpu") -> None:
+def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_INIT_TIMEOUT_S) -> None:
     """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR`` ...), unless one exists: ``gloo`` on CPU, ``nccl`` on CUDA."""
+    ``MASTER_ADDR`` ...), unless one exists: ``gloo`` on CPU, ``nccl`` on CUDA. A collective
+    that waits longer than ``timeout_s`` for another rank raises instead of hanging."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -62,7 +80,30 @@ def init_distributed(device_type: str = "cpu") -> None:
         )
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Change the timeout of every process group of this process (the default group and
+    the device mesh's) to ``timeout_s``, e.g. once the first training step is done."""
+    groups = list(dist.distributed_c10d._world.pg_map)  # every group this rank belongs to
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """A one-line account of ``exc`` if it is a collective that failed or timed out under a
+    process group (naming this rank), else ``None``."""
+    if not dist.is_initialized() or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not (isinstance(exc, dist.DistError) or "timed out" in text.lower()):
+        return None
+    return (
+        f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed or timed out "
+        f"waiting for the other ranks (one may be hung, stopped or dead): {text}"
+    )
 
 
 def data_parallel_degree(tp: int, fsdp: bool | int, world: int) -> int:
@@ -116,7 +157,7 @@ def parallelize(
     """
     if mesh is None:
         device_type = next(gm.parameters()).device.type
-        init_distributed(device_type)
+        init_distributed(device_type, _option(config, "init_timeout_s", DEFAULT_INIT_TIMEOUT_S))
         mesh = build_mesh(_option(config, "tp", 1), _option(config, "fsdp", False), device_type)
     names = mesh.mesh_dim_names or ()
     tp_mesh = mesh["tp"] if "tp" in names else None

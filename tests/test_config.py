@@ -91,7 +91,7 @@ def test_defaults():
             "2:16",
             "train.steps: expected int, got 'ten'",
         ),
-        ("model: {factory: a:b}\ntrain: {steps: -1}\n", "2:8", "steps must be >= 0"),
+        ("model: {factory: a:b}\ntrain: {steps: -1}\n", "2:16", "train.steps: must be >= 1"),
         ("model: {factory: a:b}\ntrain: {betas: [1]}\n", "2:16", "expected 2 items, got 1"),
         ("model: {factory: a:b}\nverify: maybe\n", "2:9", "verify: expected bool, got 'maybe'"),
         ("model: {factory: a:b}\ncapture: {method: jit}\n", "2:19", "'export' | 'symbolic_trace'"),
@@ -198,3 +198,29 @@ def test_the_llama_factory_builds_and_captures():
 def test_example_configs_are_valid(path):
     config = load_config(path)
     assert config.model.inputs and config.handlers
+
+
+def test_config_directory_does_not_shadow_installed_modules(tmp_path, monkeypatch):
+    """A file next to the config with an installed module's name is not what the factory
+    imports: the config's directory is searched last."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "tg_shadowed.py").write_text("WHO = 'installed'\n")
+    monkeypatch.syspath_prepend(str(site))
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "tg_shadowed.py").write_text("WHO = 'next to the config'\n")
+    (folder / "tg_shadow_factory.py").write_text(
+        "import torch\nimport tg_shadowed\n\n\ndef build():\n"
+        "    assert tg_shadowed.WHO == 'installed', tg_shadowed.WHO\n"
+        "    return torch.nn.Linear(2, 2)\n"
+    )
+    path = folder / "run.yaml"
+    path.write_text('model: {factory: "tg_shadow_factory:build"}\n')
+    for name in ("tg_shadowed", "tg_shadow_factory"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        assert isinstance(load_config(path).build_model(), torch.nn.Linear)
+    finally:
+        for name in ("tg_shadowed", "tg_shadow_factory"):
+            sys.modules.pop(name, None)

@@ -141,18 +141,15 @@ def render(
     ``fold_depth`` / ``expand``: see :mod:`torchgraft.tools.folding`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     legend = _Legend(report)
     sides = {
         "before": (before, legend.styles(before.graph, "matched", _matched(report.records))),
         "after": (after, legend.styles(after.graph, "created", _created(after.graph))),
     }
-    panels, paths = [], {}
+    panels, svgs = [], {}
     for side, (gm, styles) in sides.items():
         groups = group_nodes(gm.graph, fold_depth, expand)
-        svg = render_svg(to_dot(gm.graph, styles, groups))
-        paths[side] = out / f"{side}.svg"
-        paths[side].write_text(svg, encoding="utf-8")
+        svg = svgs[side] = render_svg(to_dot(gm.graph, styles, groups))
         caption = f"{side}: {len(gm.graph.nodes)} nodes"
         panels.append(Panel(side, caption, svg, _panel_data(styles, groups)))
     hist_before, hist_after = op_histogram(before.graph), op_histogram(after.graph)
@@ -168,6 +165,10 @@ def render(
         panels=panels,
         histogram=rows,
     )
+    out.mkdir(parents=True, exist_ok=True)  # only once everything rendered: no empty directory
+    paths = {side: out / f"{side}.svg" for side in svgs}
+    for side, svg in svgs.items():
+        paths[side].write_text(svg, encoding="utf-8")
     html_path = out / "index.html"
     html_path.write_text(page, encoding="utf-8")
     return Rendering(html_path, paths["before"], paths["after"])

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
+
+MAX_SEED = 2**64 - 1
+"""The largest seed ``torch.manual_seed`` takes."""
+
+
+class FieldError(ValueError):
+    """A config dataclass field has a bad value; ``field`` names it (so a config reader can
+    point at the line it was written on)."""
+
+    def __init__(self, owner: str, field: str, reason: str) -> None:
+        super().__init__(f"{owner}.{field} {reason}")
+        self.field = field
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,16 +58,26 @@ class TrainConfig:
     """Show a tqdm progress bar with the loss and tokens/s."""
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "seq_len", "checkpoint_every", "max_nonfinite_in_a_row")
+        def bad(name: str, reason: str) -> FieldError:
+            return FieldError("TrainConfig", name, f"{reason}, got {getattr(self, name)!r}")
+
+        positive = ("steps", "batch_size", "seq_len", "checkpoint_every", "max_nonfinite_in_a_row")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise bad(name, "must be >= 1")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", "must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a finite number > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+            raise bad("min_lr_ratio", "must be in [0, 1]")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "must be a finite number >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise bad("betas", "must be two numbers in [0, 1)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise bad("grad_clip", "must be > 0 or None")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", "must be in [0, 2**64 - 1]")
         if self.resume and self.checkpoint_dir is None:
-            raise ValueError("TrainConfig.resume=True needs a checkpoint_dir")
+            raise FieldError("TrainConfig", "resume", "needs a checkpoint_dir")

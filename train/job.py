@@ -4,6 +4,7 @@ train, and write ``metrics.json`` (and ``loss.png`` against the unconverted base
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -13,14 +14,26 @@ import torch
 from torch import fx, nn
 
 from torchgraft.config import Config, ConfigError
-from torchgraft.passes.parallelize import data_parallel_degree, parallelize
+from torchgraft.passes.parallelize import (
+    data_parallel_degree,
+    parallelize,
+    set_collective_timeout,
+)
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
-from torchgraft.train.loop import TrainResult, train
+from torchgraft.train.loop import NonFiniteError, TrainResult, train
 from torchgraft.train.strict_json import dumps_strict
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT_FILE = "loss.png"
+BASELINE_CHECKPOINTS = "baseline"
+"""Subdirectory of ``train.checkpoint_dir`` holding the unconverted baseline's checkpoints."""
+STATUS_FINISHED = "finished"
+"""``metrics.json`` ``status``: every step ran."""
+STATUS_NONFINITE = "nonfinite"
+"""``metrics.json`` ``status``: stopped at the non-finite limit (``max_nonfinite_in_a_row``)."""
+STATUS_ALREADY_FINISHED = "already_finished"
+"""The resumed run had no step left; its ``metrics.json`` was kept as it was."""
 
 
 @dataclasses.dataclass
@@ -32,6 +45,9 @@ class JobResult:
     train: TrainResult
     baseline: TrainResult | None
     metrics: dict[str, Any]
+    status: str = STATUS_FINISHED
+    """:data:`STATUS_FINISHED` or :data:`STATUS_ALREADY_FINISHED` (a non-finite stop raises
+    :class:`NonFiniteError` after writing ``metrics.json``)."""
 
 
 def run_job(
@@ -43,7 +59,11 @@ def run_job(
     progress: bool | None = None,
 ) -> JobResult:
     """Run ``config`` end to end. ``steps`` / ``out_dir`` override ``train.steps`` /
-    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory."""
+    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory.
+
+    A run stopped by the non-finite limit writes ``metrics.json`` (``status: nonfinite``,
+    the steps done) and re-raises :class:`NonFiniteError`. A resumed run that has no step
+    left keeps the ``metrics.json`` it wrote when it finished."""
     train_config = _train_config(config, steps, progress)
     out = Path(out_dir if out_dir is not None else config.output.dir)
     config.import_modules()
@@ -57,27 +77,74 @@ def run_job(
     pm = config.pass_manager(inputs)
     report = pm.run(gm)
     runnable = _parallelize_and_compile(config, gm)
-    result = train(runnable, train_config, handlers=pm.handlers)
+    hooks = [*pm.handlers, *_train_timeout(config)]
+    try:
+        result = train(runnable, train_config, handlers=hooks)
+    except NonFiniteError as exc:
+        _write_metrics(
+            out, _metrics(config, report, exc.result, None, train_config, STATUS_NONFINITE)
+        )
+        raise
+    if not result.losses and (out / METRICS_FILE).is_file():
+        kept = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+        return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED)
     baseline = None
     if config.train.compare_baseline:
         baseline_gm = config.capture_model(config.build_model(), inputs)
-        baseline = train(_parallelize_and_compile(config, baseline_gm), train_config)
+        baseline_config = baseline_train_config(train_config)
+        try:
+            baseline = train(_parallelize_and_compile(config, baseline_gm), baseline_config)
+        except NonFiniteError as exc:
+            metrics = _metrics(config, report, result, exc.result, train_config, STATUS_NONFINITE)
+            _write_metrics(out, metrics)
+            raise
     metrics = _metrics(config, report, result, baseline, train_config)
     if not is_main_process():
         return JobResult(out, report, result, baseline, metrics)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(dumps_strict(metrics) + "\n", encoding="utf-8")
+    _write_metrics(out, metrics)
     if baseline is not None:
         from torchgraft.train.plot import plot_losses
 
         rewrote = [name for name, count in report.matches.items() if count]
         converted = f"converted ({' + '.join(rewrote) or 'nothing rewritten'})"
         plot_losses(
-            {converted: result.losses, "baseline": baseline.losses},
+            {converted: result.history, "baseline": baseline.history},
             out / LOSS_PLOT_FILE,
             reference="baseline",
         )
     return JobResult(out, report, result, baseline, metrics)
+
+
+class _TrainTimeout:
+    """Switches the collectives to ``parallel.train_timeout_s`` after the first applied
+    step (the init timeout covers joining, sharding and the first, compiling, step)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.done = False
+
+    def post_optimizer_hook(self, model_parts: list[nn.Module]) -> None:
+        if not self.done:
+            set_collective_timeout(self.timeout_s)
+            self.done = True
+
+
+def _train_timeout(config: Config) -> list[_TrainTimeout]:
+    return [_TrainTimeout(config.parallel.train_timeout_s)] if config.parallel.enabled else []
+
+
+def baseline_train_config(train_config: TrainConfig) -> TrainConfig:
+    """The baseline's settings: the converted run's, with its own checkpoint directory."""
+    if train_config.checkpoint_dir is None:
+        return train_config
+    directory = Path(train_config.checkpoint_dir) / BASELINE_CHECKPOINTS
+    return dataclasses.replace(train_config, checkpoint_dir=directory)
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).write_text(dumps_strict(metrics) + "\n", encoding="utf-8")
 
 
 def _train_config(config: Config, steps: int | None, progress: bool | None) -> TrainConfig:
@@ -134,11 +201,14 @@ def _metrics(
     result: TrainResult,
     baseline: TrainResult | None,
     train_config: TrainConfig,
+    status: str = STATUS_FINISHED,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "config": str(config.path) if config.path else None,
+        "status": status,
         "steps": result.steps,
-        "losses": result.losses,
+        "losses": result.history,
+        "start_step": result.start_step,
         "handlers": [{"name": name, "matches": count} for name, count in report.matches.items()],
         "tokens_per_s": result.tokens_per_s,
         "skipped_steps": result.skipped_steps,
@@ -151,6 +221,6 @@ def _metrics(
     if report.sqnr:
         metrics["sqnr_db"] = [dataclasses.asdict(s) for s in report.sqnr.values()]
     if baseline is not None:
-        metrics["baseline_losses"] = baseline.losses
+        metrics["baseline_losses"] = baseline.history
         metrics["baseline_tokens_per_s"] = baseline.tokens_per_s
     return metrics

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchgraft.train.checkpoint import Checkpointer
+from torchgraft.train.checkpoint import Checkpointer, check_directory
 from torchgraft.train.config import TrainConfig
 from torchgraft.train.data import RandomWindows, load_tokens
 from torchgraft.train.optim import build_optimizer, register_handler_hooks
@@ -36,13 +36,15 @@ class TrainResult:
     """Tokens of all attempted steps divided by ``wall_s``."""
     wall_s: float
     """Seconds spent in the step loop (setup and resume excluded, checkpoint saves included)."""
+    history: list[float] = dataclasses.field(default_factory=list)
+    """Loss of every step of the run from step 0: the resumed checkpoint's, then ``losses``."""
 
 
 class NonFiniteError(RuntimeError):
     """Raised after ``max_nonfinite_in_a_row`` consecutive steps with a non-finite loss or
     gradient."""
 
-    def __init__(self, step: int, in_a_row: int) -> None:
+    def __init__(self, step: int, in_a_row: int, result: TrainResult | None = None) -> None:
         super().__init__(
             f"{in_a_row} consecutive steps (the last one step {step}) had a non-finite loss or "
             "gradient and were skipped; stopping. Lower the learning rate, check grad_clip, or "
@@ -50,6 +52,8 @@ class NonFiniteError(RuntimeError):
         )
         self.step = step
         self.in_a_row = in_a_row
+        self.result = result
+        """What the run did up to the stop (its ``losses`` end with the skipped steps)."""
 
 
 def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()) -> TrainResult:
@@ -69,8 +73,12 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
 
     A step whose loss or global gradient norm is not finite is skipped: no optimizer step,
     no scheduler advance, gradients cleared; :class:`NonFiniteError` is raised after
-    ``config.max_nonfinite_in_a_row`` such steps in a row.
+    ``config.max_nonfinite_in_a_row`` such steps in a row (its ``result`` holds the steps
+    done). A ``checkpoint_dir`` is checked before anything else
+    (:func:`~torchgraft.train.checkpoint.check_directory`).
     """
+    if config.checkpoint_dir is not None:
+        check_directory(config.checkpoint_dir, resume=config.resume)
     torch.manual_seed(config.seed)
     data = RandomWindows(
         load_tokens(config.data_path, seq_len=config.seq_len),
@@ -88,21 +96,34 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
         multipliers=[h.lr_multiplier for h in handlers if hasattr(h, "lr_multiplier")],
     )
     loop = {"step": 0, "nonfinite_in_a_row": 0}
+    history: list[float] = []
     checkpointer = None
     if config.checkpoint_dir is not None:
         checkpointer = Checkpointer(
-            config.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, data=data
+            config.checkpoint_dir,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data=data,
+            settings=trajectory_settings(config),
         )
         latest = checkpointer.latest() if config.resume else None
         if latest is not None:
-            loop = checkpointer.load(latest, loop)
+            resumed = checkpointer.load(latest, loop)
+            loop, history = resumed.loop, resumed.losses
     register_handler_hooks(optimizer, handlers, [model])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = math.inf if config.grad_clip is None else config.grad_clip
     tokens_per_step = config.batch_size * config.seq_len
     result = TrainResult(
-        losses=[], start_step=loop["step"], steps=0, skipped_steps=0, tokens_per_s=0.0, wall_s=0.0
+        losses=[],
+        start_step=loop["step"],
+        steps=0,
+        skipped_steps=0,
+        tokens_per_s=0.0,
+        wall_s=0.0,
+        history=history,
     )
     start = time.perf_counter()
     # Under torchrun every rank trains and sees the same loss: one progress bar is enough.
@@ -127,13 +148,23 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
                 loop["nonfinite_in_a_row"] += 1
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(value if finite else math.nan)
+            result.history.append(result.losses[-1])
             loop["step"] += 1
+            result.wall_s = time.perf_counter() - start
             if loop["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
-                raise NonFiniteError(loop["step"] - 1, loop["nonfinite_in_a_row"])
+                raise NonFiniteError(loop["step"] - 1, loop["nonfinite_in_a_row"], result)
             if checkpointer is not None and loop["step"] % config.checkpoint_every == 0:
-                checkpointer.save(loop)
+                checkpointer.save(loop, result.history)
             result.wall_s = time.perf_counter() - start
             result.tokens_per_s = len(result.losses) * tokens_per_step / result.wall_s
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{result.tokens_per_s:,.0f}", refresh=False)
             bar.update()
     return result
+
+
+def trajectory_settings(config: TrainConfig) -> dict[str, object]:
+    """The settings a run's trajectory depends on, as JSON values: a checkpoint records
+    them and a resumed run must match them (``steps`` may differ, with a warning)."""
+    names = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps")
+    names += ("weight_decay", "grad_clip", "seed")
+    return {**{name: getattr(config, name) for name in names}, "betas": list(config.betas)}
