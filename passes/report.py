@@ -26,7 +26,8 @@ class Report:
     sqnr: dict[str, HandlerSqnr] = dataclasses.field(default_factory=dict)
     """Handler → SQNR measured after it, when the run was verified."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
-    """Problems that did not stop the run: ``no_match`` and ``clobber``."""
+    """Problems that did not stop the run: those of a kind the plan allows
+    (``PassManager(..., allow=[...])``)."""
     skipped: dict[str, list[Skipped]] = dataclasses.field(default_factory=dict)
     """Handler → places its rules match but its ``reject`` refused (e.g. ``skip_fqns``,
     unsupported shapes), left alone, with the reason."""
@@ -72,6 +73,8 @@ class CheckResult:
     """The dry run's report; None when plan problems kept the plan from running."""
     ops: dict[str, int] = dataclasses.field(default_factory=dict)
     """Op histogram of the graph after the dry run (op name → count)."""
+    allowed: list[Problem] = dataclasses.field(default_factory=list)
+    """Problems of a kind the plan allows (``allow: [kinds]``): shown, but not failures."""
 
     @property
     def ok(self) -> bool:
@@ -88,6 +91,7 @@ class CheckResult:
             "order": self.order,
             "matches": self.matches,
             "problems": [p.to_dict() for p in self.problems],
+            "allowed": [p.to_dict() for p in self.allowed],
         }
 
     def __str__(self) -> str:
@@ -95,6 +99,8 @@ class CheckResult:
         if self.report is not None:
             lines += ["", str(dataclasses.replace(self.report, problems=[]))]
         lines += ["", format_problems(self.problems)]
+        if self.allowed:
+            lines += ["", "allowed by the plan: " + format_problems(self.allowed)]
         return "\n".join(lines)
 
 
