@@ -297,7 +297,10 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
     ]
     lines.append(f"  order: {'; '.join(order) or 'no constraints'}")
     tolerance = cls.sqnr_tolerance
-    lines.append(f"  sqnr tolerance: {'exact' if tolerance is None else f'{tolerance} dB'}")
+    shown = "exact" if tolerance is None else f"{tolerance} dB"
+    if not cls.approximates:
+        shown = "none (a different function, not an approximation)"
+    lines.append(f"  sqnr tolerance: {shown}")
     lines.append("  rules:")
     lines.extend(
         f"    {r.name}  {target_name(r.pattern.anchor)}  ({r.location})" for r in cls.rules()

@@ -23,7 +23,7 @@ from torchgraft.passes.checks import (
     find_overlaps,
 )
 from torchgraft.passes.ordering import order_plan
-from torchgraft.passes.plan import HandlerEntry, HandlerSpec, build_plan, instantiate
+from torchgraft.passes.plan import HandlerEntry, HandlerSpec, Step, build_plan, instantiate
 from torchgraft.passes.problems import CheckError, Problem, allowed_kinds, error_problem
 from torchgraft.passes.report import CheckResult, Report
 from torchgraft.passes.verify import Verifier
@@ -96,7 +96,10 @@ class PassManager:
         """
         if self.problems:
             raise CheckError(self.problems)
-        verifier = Verifier(gm, self.inputs) if self.verify else None
+        verifier = None
+        if self.verify:
+            original = copy_graph_module(gm) if len(self.steps) > 1 else gm
+            verifier = Verifier(gm, self.inputs, isolate=self._isolator(original))
         unverifiable = self._refused(verifier.problems) if verifier is not None else []
         if unverifiable:  # the graph does not run on the inputs: nothing to rewrite
             raise CheckError(unverifiable)
@@ -127,7 +130,9 @@ class PassManager:
         if self.problems:
             return CheckResult(self.order, list(self.problems))
         work = copy_graph_module(gm)
-        verifier = Verifier(work, inputs if inputs is not None else self.inputs)
+        verifier = Verifier(
+            work, inputs if inputs is not None else self.inputs, isolate=self._isolator(gm)
+        )
         try:
             report = self._judged(work, verifier, gate=False)
         except (RewriteError, OptionError) as exc:  # the plan fails on this graph
@@ -136,6 +141,27 @@ class PassManager:
         allowed = [p for p in report.problems if p.kind in self.allow]
         report.problems = []
         return CheckResult(self.order, problems, report, op_histogram(work.graph), allowed)
+
+    def _isolator(self, original: fx.GraphModule) -> Callable[[Step], fx.GraphModule | None]:
+        """For the verifier: ``original`` (the graph before the plan, not changed) rewritten
+        by one handler alone, as a copy; None if the handler rewrites nothing there alone
+        (or fails there: it may need the handlers before it)."""
+
+        def alone(step: Step) -> fx.GraphModule | None:
+            work = copy_graph_module(original)
+            editor = GraphEditor(work.graph)
+            applier = RuleApplier(editor)
+            try:
+                records = [
+                    record
+                    for rule in step.handler.rules()
+                    for record in applier.apply(rule, step.handler, step.name)
+                ]
+            except (RewriteError, OptionError):
+                return None
+            return copy_graph_module(work, editor.is_live) if records else None
+
+        return alone
 
     def _refused(self, problems: list[Problem]) -> list[Problem]:
         return [p for p in problems if p.kind not in self.allow]

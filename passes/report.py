@@ -24,7 +24,9 @@ class Report:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Handler → seconds spent matching and rewriting (``"recompile"`` for the final one)."""
     sqnr: dict[str, HandlerSqnr] = dataclasses.field(default_factory=dict)
-    """Handler → SQNR measured after it, when the run was verified."""
+    """Handler → SQNR measured after it, when the run was verified: its step (against the
+    graph before it), alone (by itself on the original graph) and total (against the
+    original graph), and its tolerance."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
     """Problems that did not stop the run: those of a kind the plan allows
     (``PassManager(..., allow=[...])``)."""
@@ -40,14 +42,14 @@ class Report:
     def __str__(self) -> str:
         header = ["handler", "rule", "matches", "ms"]
         if self.sqnr:
-            header += ["SQNR dB", "total dB", "tolerance"]
+            header += ["SQNR dB", "alone dB", "total dB", "tolerance"]
         rows = [header]
         for name in self.order:
             rules = self.rule_matches.get(name, {})
             row = [name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}"]
             if self.sqnr:
                 s = self.sqnr.get(name)
-                row += [_db(s.step_db), _db(s.total_db), _db(s.tolerance_db)] if s else ["", "", ""]
+                row += _sqnr_cells(s) if s else ["", "", "", ""]
             rows.append(row)
             rows.extend(
                 ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
@@ -114,6 +116,12 @@ def table(rows: list[list[str]]) -> str:
         ).rstrip()
         for row in rows
     )
+
+
+def _sqnr_cells(s: HandlerSqnr) -> list[str]:
+    alone = "" if s.alone_db is None else _db(s.alone_db)
+    tolerance = "none" if s.tolerance_db == -math.inf else _db(s.tolerance_db)
+    return [_db(s.step_db), alone, _db(s.total_db), tolerance]
 
 
 def _db(value: float) -> str:
