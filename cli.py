@@ -203,10 +203,10 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _captured(config: Config) -> fx.GraphModule:
-    """Import, build and capture the config's model; returns the graph module."""
+    """Import, build and capture the config's model as ``check`` judges it; returns the
+    graph module."""
     config.import_modules()
-    inputs = config.example_inputs()
-    return config.capture_model(config.build_model(), inputs)
+    return config.judged_graph(config.build_model())[0]
 
 
 def _dump_ir(config: Config, out_dir: str) -> None:

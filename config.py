@@ -51,7 +51,7 @@ from torchgraft.ir.errors import TorchgraftError
 from torchgraft.passes import CheckResult, HandlerEntry, PassManager
 from torchgraft.passes.problems import allowed_kinds
 from torchgraft.train.config import TrainConfig
-from torchgraft.train.lm import BYTE_VOCAB, takes_labels
+from torchgraft.train.lm import BYTE_VOCAB, UnsupportedModelError, as_trained, takes_labels
 
 
 class ConfigError(TorchgraftError):
@@ -275,14 +275,27 @@ class Config:
 
     def check(self) -> CheckResult:
         """What ``torchgraft check`` does: import, build the model, and unless the plan
-        itself has problems, capture and dry-run every check (numerics always verified)."""
+        itself has problems, capture and dry-run every check (numerics always verified) on
+        the graph ``torchgraft run`` would train (:meth:`judged_graph`)."""
         self.import_modules()
         model = self.build_model()
         pm = self.pass_manager()
         if pm.problems:
             return CheckResult(pm.order, list(pm.problems))
+        gm, inputs = self.judged_graph(model)
+        return pm.dry_run(gm, inputs)
+
+    def judged_graph(self, model: nn.Module) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+        """The captured graph that ``check``, ``viz`` and ``explain`` look at, and its inputs:
+        what ``torchgraft run`` trains when it can train the model (a causal LM's
+        ``forward(tokens)`` gets the next-token loss, :func:`~torchgraft.train.lm.as_trained`),
+        else the model as it is (a vision model, an encoder)."""
         inputs = self.example_inputs(model=model)
-        return pm.dry_run(self.capture_model(model, inputs), inputs)
+        try:
+            module, inputs = as_trained(model, inputs)
+        except UnsupportedModelError:
+            module = model
+        return self.capture_model(module, inputs), inputs
 
     def _import(self, module: str, key: str) -> types.ModuleType:
         with self._search_path():

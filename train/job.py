@@ -13,16 +13,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from torchgraft.config import Config, ConfigError, InputSpec
+from torchgraft.config import Config, ConfigError
 from torchgraft.passes.parallelize import data_parallel_degree, parallelize
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
-from torchgraft.train.lm import (
-    NextTokenLoss,
-    UnsupportedModelError,
-    check_language_model,
-    check_scalar_loss,
-)
+from torchgraft.train.lm import UnsupportedModelError, as_trained, check_scalar_loss
 from torchgraft.train.loop import TrainResult, train
 
 METRICS_FILE = "metrics.json"
@@ -54,8 +49,8 @@ def run_job(
     out = Path(out_dir if out_dir is not None else config.output.dir)
     config.import_modules()
     model = config.build_model()
-    inputs = _capture_inputs(config, train_config, model)
-    gm = _capture_objective(config, model, inputs)
+    batch = _capture_inputs(config, train_config, model)
+    gm, inputs = _capture_objective(config, model, batch)
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
 
@@ -66,7 +61,7 @@ def run_job(
     result = train(runnable, train_config, handlers=pm.handlers)
     baseline = None
     if config.train.compare_baseline:
-        baseline_gm = _capture_objective(config, config.build_model(), inputs)
+        baseline_gm, _ = _capture_objective(config, config.build_model(), batch)
         baseline = train(_parallelize_and_compile(config, baseline_gm), train_config)
     metrics = _metrics(config, report, result, baseline, train_config)
     if not is_main_process():
@@ -104,30 +99,21 @@ def is_main_process() -> bool:
 def _capture_inputs(
     config: Config, train_config: TrainConfig, model: nn.Module
 ) -> tuple[torch.Tensor, ...]:
-    """The example inputs to capture with: one training batch (tokens, labels), or one
-    data-parallel rank's rows of it under FSDP (the captured graph has static shapes).
-    ``model.inputs`` (or, omitted, the batch of ``train``) says whether the model takes the
-    labels: one input is ``forward(tokens)`` returning logits, two ``forward(tokens, labels)``
-    returning the loss."""
+    """The example inputs to capture with: one training batch as ``model.inputs`` (or,
+    omitted, ``train``) gives it — ``(tokens,)`` for ``forward(tokens)`` returning logits,
+    ``(tokens, labels)`` for ``forward(tokens, labels)`` returning the loss — or one
+    data-parallel rank's rows of it under FSDP (the captured graph has static shapes)."""
     specs = config.batch_specs(model)
     where = config.locations.get("model.inputs") or config.locations.get("model")
     batch = (train_config.batch_size, train_config.seq_len)
-    shapes = [list(spec.shape) for spec in specs]
-    if not 1 <= len(specs) <= 2 or any(
-        spec.torch_dtype.is_floating_point or spec.torch_dtype == torch.bool for spec in specs
-    ):
+    inputs = config.example_inputs(seed=train_config.seed, model=model)
+    if all(t.dim() == 2 for t in inputs) and any(tuple(s.shape) != batch for s in specs):
         raise ConfigError(
-            str(UnsupportedModelError(f"model.inputs are {_described(specs)}")), where
-        )
-    if any(tuple(spec.shape) != batch for spec in specs):
-        raise ConfigError(
-            f"model.inputs {shapes} must each be the training batch [train.batch_size, "
-            f"train.seq_len] = {list(batch)} (the captured graph has static shapes)",
+            f"model.inputs {[list(s.shape) for s in specs]} must each be the training batch "
+            f"[train.batch_size, train.seq_len] = {list(batch)} (the captured graph has static "
+            "shapes)",
             where,
         )
-    inputs = config.example_inputs(seed=train_config.seed, model=model)
-    if len(inputs) == 1:  # forward(tokens) -> logits: the labels are torchgraft's
-        inputs = (inputs[0], inputs[0].clone())
     parallel = config.parallel
     dp = data_parallel_degree(parallel.tp, parallel.fsdp, int(os.environ.get("WORLD_SIZE", "1")))
     if train_config.batch_size % dp:
@@ -141,25 +127,18 @@ def _capture_inputs(
 
 def _capture_objective(
     config: Config, model: nn.Module, inputs: tuple[torch.Tensor, ...]
-) -> fx.GraphModule:
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     """Capture the training objective ``forward(tokens, labels) -> loss``: the model itself
     if it computes the loss, else the model with next-token cross-entropy added
-    (:class:`~torchgraft.train.lm.NextTokenLoss`, same parameter FQNs and objects)."""
-    where = config.locations.get("model.factory")
-    computes_loss = len(config.batch_specs(model)) == 2
+    (:func:`~torchgraft.train.lm.as_trained`: same parameter FQNs and objects)."""
+    where = config.locations.get("model.inputs") or config.locations.get("model")
     try:
-        if computes_loss:
-            gm = config.capture_model(model, inputs)
-            check_scalar_loss(gm)
-            return gm
-        check_language_model(model, inputs[0])
+        module, inputs = as_trained(model, inputs)
+        gm = config.capture_model(module, inputs)
+        check_scalar_loss(gm)
     except UnsupportedModelError as exc:
         raise ConfigError(str(exc), where) from None
-    return config.capture_model(NextTokenLoss(model), inputs)
-
-
-def _described(specs: tuple[InputSpec, ...]) -> str:
-    return ", ".join(f"{spec.dtype} {list(spec.shape)}" for spec in specs) or "empty"
+    return gm, inputs
 
 
 def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:

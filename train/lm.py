@@ -151,3 +151,21 @@ def check_scalar_loss(gm: fx.GraphModule) -> None:
         f"forward(tokens, labels) returned {shapes[0] if len(shapes) == 1 else shapes}, not a "
         "scalar loss (give model.inputs one tensor if forward(tokens) returns logits)"
     )
+
+
+def as_trained(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """What ``torchgraft run`` captures and trains, with the inputs to capture it with:
+    for ``(tokens, labels)`` the model itself (its forward computes the loss); for
+    ``(tokens,)`` a causal LM's :class:`NextTokenLoss` with labels shaped like the tokens.
+    Raises :class:`UnsupportedModelError` for anything else."""
+    if not 1 <= len(inputs) <= 2 or any(
+        t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 2 for t in inputs
+    ):
+        shown = ", ".join(f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}" for t in inputs)
+        raise UnsupportedModelError(f"model.inputs are {shown or 'empty'}")
+    if len(inputs) == 2:
+        return model, inputs
+    check_language_model(model, inputs[0])
+    return NextTokenLoss(model), (inputs[0], inputs[0].clone())
