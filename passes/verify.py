@@ -8,13 +8,14 @@ and, when gradients flow, the parameters' gradients of the scalar loss
 is touched). Buffers the forward mutates are restored.
 
 **The judged SQNR of one value** is ``20·log10(S / ‖x − ref‖)`` with the scale
-``S = max(‖ref‖, ν·r·√n)``: ``n`` is the value's number of elements, ``r`` the RMS of all
-reference elements of its group (all outputs, or all gradients) and ``ν =
+``S = max(‖ref‖, ν·r·√n)``: ``n`` is the value's number of elements, ``r`` the median over
+the tensors of its group (the outputs, or the gradients) of their RMS — the size of a
+typical value, which a few very large ones do not move — and ``ν =
 10^(−EXACT_SQNR_DB[dtype]/20)`` the relative rounding room of an exact rewrite (1e-4 in
 float32). A value whose reference is below the rounding level of its group is judged
 against that level, not against itself: a gradient that is zero in exact arithmetic (a
 key-projection bias: softmax ignores a per-query constant) is rounding noise in the
-reference (2e-12 against an RMS of 1e-2 on a tiny BERT), and noise compared with noise
+reference (norm 2e-12 on a tiny BERT, where the word embeddings' gradient has norm 6), and noise compared with noise
 would read as a failure of any rewrite. A value of ordinary size is judged against its
 own norm, so a gradient that stops flowing still reads 0 dB.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -276,9 +278,11 @@ def scale_floors(reference: Values) -> dict[str, float]:
             groups.setdefault(name.split(" ", 1)[0], []).append(name)
     floors = {}
     for names in groups.values():
-        power = sum(float(torch.linalg.vector_norm(reference[n].double())) ** 2 for n in names)
-        count = sum(reference[n].numel() for n in names)
-        rms = math.sqrt(power / max(count, 1))
+        rms = statistics.median(
+            float(torch.linalg.vector_norm(reference[n].double()))
+            / math.sqrt(max(reference[n].numel(), 1))
+            for n in names
+        )
         for n in names:
             room = 10.0 ** (-EXACT_SQNR_DB.get(reference[n].dtype, 80.0) / 20.0)
             floors[n] = room * rms * math.sqrt(reference[n].numel())
