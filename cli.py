@@ -9,8 +9,13 @@
     torchgraft list [--import MODULE ...]
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
-read or validated, a missing file, an import or model factory that fails). Bad input
-gives a one-line message on stderr, never a traceback.
+read or validated, a missing file, an import or model factory that fails, a model ``run``
+cannot train). Bad input gives a one-line message on stderr, never a traceback.
+
+``check`` and ``run`` are one judge: ``run`` refuses (exit 1, nothing trained) a plan with
+any problem ``check`` reports, unless the config accepts it — ``optional: true`` on a
+handler that may match nothing, or ``allow: [kinds]`` (``overlap``, ``order``,
+``no_match``, ``clobber``, ``numerics`` ...).
 
 Each subcommand is a function registered in :data:`COMMANDS` with :func:`command`; a new
 one needs no change elsewhere::
@@ -117,7 +122,16 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _dump_ir_argument(parser)
 
 
-@command("run", "capture, convert, verify and train a model; write metrics.json", _run_arguments)
+RUN_HELP = (
+    "capture, convert, verify and train a model; write metrics.json. Trains forward(tokens) "
+    "returning logits (a tensor, or an object or dict with 'logits': the next-token loss is "
+    "added in the graph) or forward(tokens, labels) returning a scalar loss. Refuses (exit 1, "
+    "nothing trained) a plan with any problem 'torchgraft check' reports unless the config "
+    "accepts it: 'optional: true' on a handler, or 'allow: [kinds]'"
+)
+
+
+@command("run", RUN_HELP, _run_arguments)
 def run(args: argparse.Namespace) -> int:
     from torchgraft.config import load_config
     from torchgraft.passes.problems import CheckError
@@ -180,7 +194,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     _dump_ir_argument(parser)
 
 
-@command("check", "check a config's plan: order, conflicts, matches, numerics", _check_arguments)
+@command(
+    "check",
+    "check a config's plan: order, conflicts, matches, numerics (exit 1 on any problem whose "
+    "kind the config's 'allow' list does not accept; 'run' refuses the same)",
+    _check_arguments,
+)
 def check(args: argparse.Namespace) -> int:
     from torchgraft.config import load_config
     from torchgraft.passes.expect import compare_expectation, load_expectation, write_expectation
