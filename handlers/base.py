@@ -191,7 +191,10 @@ class Handler:
         return skipped
 
     def convert(self, model: nn.Module) -> nn.Module:
-        """Rewrite a captured graph module in place with this handler and return it."""
+        """Rewrite a captured graph module in place with this handler and return it.
+
+        Raises :class:`~torchgraft.CheckError` (graph unchanged) for any problem
+        ``PassManager([self]).check`` reports, e.g. ``no_match`` when it matches nothing."""
         if not isinstance(model, fx.GraphModule):
             raise TypeError(
                 f"{self.display_name}.convert expects a graph module from tg.capture(model, args); "
