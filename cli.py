@@ -10,9 +10,15 @@
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
 read or validated, a missing file, an unwritable output path, an import or model factory
-that fails, a bad checkpoint), 3 training stopped (the non-finite limit, or a collective
-timeout under ``torchrun``). Bad input gives a one-line message on stderr, never a
-traceback, and is checked before any work (:mod:`torchgraft.preflight`).
+that fails, a model ``run`` cannot train, a bad checkpoint), 3 training stopped (the
+non-finite limit, or a collective timeout under ``torchrun``). Bad input gives a one-line
+message on stderr, never a traceback, and is checked before any work
+(:mod:`torchgraft.preflight`).
+
+``check`` and ``run`` are one judge: ``run`` refuses (exit 1, nothing trained) a plan with
+any problem ``check`` reports, unless the config accepts it — ``optional: true`` on a
+handler that may match nothing, or ``allow: [kinds]`` (``overlap``, ``order``,
+``no_match``, ``clobber``, ``numerics`` ...).
 
 Each subcommand is a function registered in :data:`COMMANDS` with :func:`command`; a new
 one needs no change elsewhere::
@@ -127,7 +133,16 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _dump_ir_argument(parser)
 
 
-@command("run", "capture, convert, verify and train a model; write metrics.json", _run_arguments)
+RUN_HELP = (
+    "capture, convert, verify and train a model; write metrics.json. Trains forward(tokens) "
+    "returning logits (a tensor, or an object or dict with 'logits': the next-token loss is "
+    "added in the graph) or forward(tokens, labels) returning a scalar loss. Refuses (exit 1, "
+    "nothing trained) a plan with any problem 'torchgraft check' reports unless the config "
+    "accepts it: 'optional: true' on a handler, or 'allow: [kinds]'"
+)
+
+
+@command("run", RUN_HELP, _run_arguments)
 def run(args: argparse.Namespace) -> int:
     from torchgraft import preflight
     from torchgraft.config import load_config
@@ -219,7 +234,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     _dump_ir_argument(parser)
 
 
-@command("check", "check a config's plan: order, conflicts, matches, numerics", _check_arguments)
+@command(
+    "check",
+    "check a config's plan: order, conflicts, matches, numerics (exit 1 on any problem whose "
+    "kind the config's 'allow' list does not accept; 'run' refuses the same)",
+    _check_arguments,
+)
 def check(args: argparse.Namespace) -> int:
     from torchgraft import preflight
     from torchgraft.config import load_config
@@ -247,10 +267,10 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _captured(config: Config) -> fx.GraphModule:
-    """Import, build and capture the config's model; returns the graph module."""
+    """Import, build and capture the config's model as ``check`` judges it; returns the
+    graph module."""
     config.import_modules()
-    inputs = config.example_inputs()
-    return config.capture_model(config.build_model(), inputs)
+    return config.judged_graph(config.build_model())[0]
 
 
 def _dump_ir(config: Config, out_dir: str) -> None:
@@ -345,7 +365,10 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
     ]
     lines.append(f"  order: {'; '.join(order) or 'no constraints'}")
     tolerance = cls.sqnr_tolerance
-    lines.append(f"  sqnr tolerance: {'exact' if tolerance is None else f'{tolerance} dB'}")
+    shown = "exact" if tolerance is None else f"{tolerance} dB"
+    if not cls.approximates:
+        shown = "none (a different function, not an approximation)"
+    lines.append(f"  sqnr tolerance: {shown}")
     lines.append("  rules:")
     lines.extend(
         f"    {r.name}  {target_name(r.pattern.anchor)}  ({r.location})" for r in cls.rules()

@@ -15,6 +15,7 @@ give ``file:line:column``)::
       - float8: {recipe: rowwise}                # {name: {option: value}}
       - flex_attention: {optional: true}         # reserved key: may match nothing
     verify: true                                 # torchgraft run verifies numerics
+    allow: [overlap]                             # problem kinds this plan accepts
     parallel: {tp: 1, fsdp: false, plan: {}}
     compile: {enabled: false}
     train: {steps: 100, batch_size: 8, seq_len: 128, lr: 3.0e-4, compare_baseline: false}
@@ -53,7 +54,9 @@ from torchgraft.ir.capture import capture
 from torchgraft.ir.errors import CaptureError, TorchgraftError
 from torchgraft.passes import CheckResult, HandlerEntry, PassManager
 from torchgraft.passes.parallelize import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TRAIN_TIMEOUT_S
+from torchgraft.passes.problems import allowed_kinds
 from torchgraft.train.config import FieldError, TrainConfig
+from torchgraft.train.lm import BYTE_VOCAB, UnsupportedModelError, as_trained, takes_labels
 
 MAX_DEPTH = 64
 """Deepest nesting of lists and mappings a config may have."""
@@ -221,6 +224,9 @@ class Config:
     """The plan: a handler name or ``{name: {option: value, optional: bool}}`` per item."""
     verify: bool = True
     """Whether ``torchgraft run`` verifies numerics (``torchgraft check`` always does)."""
+    allow: tuple[str, ...] = ()
+    """Problem kinds this plan accepts (``overlap``, ``order``, ``no_match``, ``clobber``,
+    ``numerics`` ...): reported, but ``check`` still exits 0 and ``run`` still trains."""
     parallel: ParallelConfig = ParallelConfig()
     compile: CompileConfig = CompileConfig()
     train: TrainSection = TrainSection()
@@ -263,15 +269,30 @@ class Config:
             )
         return model
 
-    def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Random tensors following ``model.inputs``."""
-        if not self.model.inputs:
+    def example_inputs(
+        self, seed: int = 0, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Random tensors following ``model.inputs``, or when it is omitted and ``model`` is
+        given, one training batch of it (:meth:`batch_specs`)."""
+        specs = self.model.inputs or (self.batch_specs(model) if model is not None else ())
+        if not specs:
             raise ConfigError(
                 "model.inputs is empty: give one {shape, dtype, high} per forward argument",
                 self.locations.get("model"),
             )
         generator = torch.Generator().manual_seed(seed)
-        return tuple(spec.make(generator) for spec in self.model.inputs)
+        return tuple(spec.make(generator) for spec in specs)
+
+    def batch_specs(self, model: nn.Module) -> tuple[InputSpec, ...]:
+        """``model.inputs``, or when omitted, the training batch ``[train.batch_size,
+        train.seq_len]`` of byte tokens: ``(tokens, labels)`` if ``model.forward`` requires
+        two arguments, else ``(tokens,)``."""
+        if self.model.inputs:
+            return self.model.inputs
+        tokens = InputSpec(
+            shape=(self.train.batch_size, self.train.seq_len), dtype="int64", high=BYTE_VOCAB
+        )
+        return (tokens, tokens) if takes_labels(model) else (tokens,)
 
     def capture_model(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
         """:func:`torchgraft.capture` as the ``capture`` section says; a model torch cannot
@@ -293,18 +314,31 @@ class Config:
 
     def pass_manager(self, inputs: Sequence[torch.Tensor] | None = None) -> PassManager:
         """The :class:`PassManager` of the plan (verifying when ``verify`` is set)."""
-        return PassManager(list(self.handlers), verify=self.verify, inputs=inputs)
+        return PassManager(list(self.handlers), verify=self.verify, inputs=inputs, allow=self.allow)
 
     def check(self) -> CheckResult:
         """What ``torchgraft check`` does: import, build the model, and unless the plan
-        itself has problems, capture and dry-run every check (numerics always verified)."""
+        itself has problems, capture and dry-run every check (numerics always verified) on
+        the graph ``torchgraft run`` would train (:meth:`judged_graph`)."""
         self.import_modules()
         model = self.build_model()
         pm = self.pass_manager()
         if pm.problems:
             return CheckResult(pm.order, list(pm.problems))
-        inputs = self.example_inputs()
-        return pm.dry_run(self.capture_model(model, inputs), inputs)
+        gm, inputs = self.judged_graph(model)
+        return pm.dry_run(gm, inputs)
+
+    def judged_graph(self, model: nn.Module) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+        """The captured graph that ``check``, ``viz`` and ``explain`` look at, and its inputs:
+        what ``torchgraft run`` trains when it can train the model (a causal LM's
+        ``forward(tokens)`` gets the next-token loss, :func:`~torchgraft.train.lm.as_trained`),
+        else the model as it is (a vision model, an encoder)."""
+        inputs = self.example_inputs(model=model)
+        try:
+            module, inputs = as_trained(model, inputs)
+        except UnsupportedModelError:
+            module = model
+        return self.capture_model(module, inputs), inputs
 
     def _import(self, module: str, key: str) -> types.ModuleType:
         with self._search_path():
@@ -359,7 +393,38 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(text: str, path: str | Path = "<config>") -> Config:
     """Validate the YAML ``text`` of a run config read from ``path``."""
-    return _Reader(text, Path(path)).config()
+    return _settled(_Reader(text, Path(path)).config())
+
+
+def _settled(config: Config) -> Config:
+    """Checks across sections, with the locations of what they compare: every ``allow``
+    item is an acceptable problem kind, and the batch shape is said once —
+    ``train.batch_size`` / ``train.seq_len`` default to the ``[batch, seq]`` of an integer
+    ``model.inputs[0]``, and a config stating both differently is an error naming both."""
+    for i, kind in enumerate(config.allow):
+        try:
+            allowed_kinds([kind])
+        except TorchgraftError as exc:
+            raise ConfigError(str(exc), config.locations.get(f"allow[{i}]")) from None
+    inputs = config.model.inputs
+    if not inputs or len(inputs[0].shape) != 2 or inputs[0].torch_dtype.is_floating_point:
+        return config
+    where = config.locations.get("model.inputs[0].shape") or config.locations.get("model.inputs")
+    derived = {}
+    for name, value in zip(("batch_size", "seq_len"), inputs[0].shape):
+        key = f"train.{name}"
+        stated = getattr(config.train, name)
+        if key not in config.locations:
+            derived[name] = value
+        elif stated != value:
+            raise ConfigError(
+                f"{key} is {stated} but model.inputs[0] has shape {list(inputs[0].shape)} "
+                f"(at {where}): say the batch shape once, in model.inputs or in train",
+                config.locations[key],
+            )
+    if not derived:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **derived))
 
 
 class _Reader:

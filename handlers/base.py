@@ -65,7 +65,14 @@ class Handler:
     """Minimum SQNR (dB) of outputs and gradients after this handler in the verify stage
     (a handler whose precision depends on its options may set it per instance in
     ``__init__``); None for exact rewrites (held to rounding-level differences,
-    :data:`torchgraft.passes.verify.EXACT_SQNR_DB`)."""
+    :data:`torchgraft.passes.verify.EXACT_SQNR_DB`). It says how close the handler comes
+    to the function it replaces, applied alone to the original graph; see
+    :mod:`torchgraft.passes.verify` for how each value is judged."""
+    approximates: ClassVar[bool] = True
+    """False for a handler that computes a different function on purpose (``relu`` →
+    ``gelu``, a new activation or loss), not an approximation of the one it replaces:
+    verify still measures and reports its SQNR, but holds it to no tolerance (it only needs
+    finite outputs and gradients of the right shapes). Do not set ``sqnr_tolerance`` too."""
 
     @dataclasses.dataclass(kw_only=True)
     class Options:
@@ -87,6 +94,15 @@ class Handler:
         ):
             raise HandlerDefinitionError(
                 f"{where}.sqnr_tolerance must be a number of dB or None, got {tolerance!r}"
+            )
+        if not isinstance(cls.approximates, bool):
+            raise HandlerDefinitionError(
+                f"{where}.approximates must be True or False, got {cls.approximates!r}"
+            )
+        if not cls.approximates and tolerance is not None:
+            raise HandlerDefinitionError(
+                f"{where} sets approximates = False (a different function: no tolerance) and "
+                f"sqnr_tolerance = {tolerance!r}; keep one"
             )
         if not dataclasses.is_dataclass(cls.Options):
             raise HandlerDefinitionError(
@@ -175,7 +191,10 @@ class Handler:
         return skipped
 
     def convert(self, model: nn.Module) -> nn.Module:
-        """Rewrite a captured graph module in place with this handler and return it."""
+        """Rewrite a captured graph module in place with this handler and return it.
+
+        Raises :class:`~torchgraft.CheckError` (graph unchanged) for any problem
+        ``PassManager([self]).check`` reports, e.g. ``no_match`` when it matches nothing."""
         if not isinstance(model, fx.GraphModule):
             raise TypeError(
                 f"{self.display_name}.convert expects a graph module from tg.capture(model, args); "

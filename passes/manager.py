@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -23,8 +23,8 @@ from torchgraft.passes.checks import (
     find_overlaps,
 )
 from torchgraft.passes.ordering import order_plan
-from torchgraft.passes.plan import HandlerEntry, HandlerSpec, build_plan, instantiate
-from torchgraft.passes.problems import CheckError, Problem, error_problem
+from torchgraft.passes.plan import HandlerEntry, HandlerSpec, Step, build_plan, instantiate
+from torchgraft.passes.problems import CheckError, Problem, allowed_kinds, error_problem
 from torchgraft.passes.report import CheckResult, Report
 from torchgraft.passes.verify import Verifier
 
@@ -45,9 +45,13 @@ class PassManager:
         report = pm.run(gm)           # rewrites gm in place, all or nothing
         report.matches                # {"flex_attention": 2, "float8": 14}
 
+    :meth:`check` and :meth:`run` are one judge: :meth:`run` refuses (:class:`CheckError`,
+    ``gm`` unchanged) exactly the problems :meth:`check` reports, except the kinds listed
+    in ``allow`` (e.g. ``allow=["overlap"]``; see
+    :func:`~torchgraft.passes.problems.acceptable_kinds`), which stay in the report.
     ``verify=True`` makes :meth:`run` measure outputs and gradients after each handler on
-    ``inputs`` (default: random inputs shaped like the graph's placeholders) and refuse
-    (:class:`CheckError`, graph unchanged) if a handler's SQNR is below its tolerance.
+    ``inputs`` (default: random inputs shaped like the graph's placeholders), so that
+    ``numerics`` problems are found by it too; :meth:`check` always verifies.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class PassManager:
         *,
         verify: bool = False,
         inputs: Sequence[torch.Tensor] | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
         if isinstance(handlers, (str, Mapping, Handler, HandlerEntry, type)):
             handlers = [handlers]
@@ -66,6 +71,9 @@ class PassManager:
         """What is wrong with the plan itself: :meth:`run` refuses to run while non-empty."""
         self.verify = verify
         self.inputs = inputs
+        self.allow = allowed_kinds(allow)
+        """Problem kinds this plan accepts: reported, but they neither fail :meth:`check`
+        nor stop :meth:`run`."""
 
     @property
     def handlers(self) -> list[Handler]:
@@ -80,19 +88,22 @@ class PassManager:
     def run(self, gm: fx.GraphModule) -> Report:
         """Rewrite ``gm`` in place; if anything raises, ``gm`` is left exactly as it was.
 
-        Raises :class:`CheckError` before touching ``gm`` if the plan has problems
-        (``pm.problems``), and after a failed verification when ``verify=True``.
-        ``no_match`` and ``clobber`` problems do not stop the run: they are in
-        ``report.problems`` (use :meth:`check` to treat them as errors).
+        Raises :class:`CheckError` before touching ``gm`` if the plan itself has problems
+        (``pm.problems``), and, with ``gm`` rolled back, if the run finds a problem
+        :meth:`check` would report (``overlap``, ``order``, ``no_match``, ``clobber``,
+        ``numerics`` when ``verify=True`` ...) whose kind is not in ``allow``. Allowed
+        problems are in ``report.problems``.
         """
         if self.problems:
             raise CheckError(self.problems)
-        checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
-        verifier = Verifier(gm, self.inputs) if self.verify else None
-        if verifier is not None and verifier.problems:
-            raise CheckError(verifier.problems)
-        report = self._apply(gm, checks, verifier=verifier, gate=True)
-        report.problems = [p for check in checks for p in check.problems]
+        verifier = None
+        if self.verify:
+            original = copy_graph_module(gm) if len(self.steps) > 1 else gm
+            verifier = Verifier(gm, self.inputs, isolate=self._isolator(original))
+        unverifiable = self._refused(verifier.problems) if verifier is not None else []
+        if unverifiable:  # the graph does not run on the inputs: nothing to rewrite
+            raise CheckError(unverifiable)
+        report = self._judged(gm, verifier, gate=True)
         report.skipped = {step.name: step.handler.skipped(gm) for step in self.steps}
         report.seconds["recompile"] = _timed(gm.recompile)
         return report
@@ -100,7 +111,8 @@ class PassManager:
     def check(
         self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | None = None
     ) -> list[Problem]:
-        """Every problem of this plan on ``gm``; ``gm`` is not changed. See :meth:`dry_run`."""
+        """Every problem of this plan on ``gm`` that ``allow`` does not accept; ``gm`` is not
+        changed. See :meth:`dry_run`."""
         return self.dry_run(gm, inputs).problems
 
     def dry_run(
@@ -109,7 +121,8 @@ class PassManager:
         """Run every check on a copy of ``gm`` (sharing its parameters) and say what the plan
         would do: order, matches per handler and rule, the op histogram after the run, and
         the problems (see :data:`~torchgraft.passes.problems.ProblemKind`), numerics
-        verified on ``inputs`` (default: the manager's, else random ones).
+        verified on ``inputs`` (default: the manager's, else random ones). Problems of a
+        kind in ``allow`` are in ``result.allowed``, not ``result.problems``.
 
         Plan problems (unknown handler, bad option, duplicate, missing requirement, cycle)
         are returned alone: such a plan cannot run.
@@ -117,31 +130,72 @@ class PassManager:
         if self.problems:
             return CheckResult(self.order, list(self.problems))
         work = copy_graph_module(gm)
+        verifier = Verifier(
+            work, inputs if inputs is not None else self.inputs, isolate=self._isolator(gm)
+        )
+        try:
+            report = self._judged(work, verifier, gate=False)
+        except (RewriteError, OptionError) as exc:  # the plan fails on this graph
+            return CheckResult(self.order, [error_problem(exc)])
+        problems = self._refused(report.problems)
+        allowed = [p for p in report.problems if p.kind in self.allow]
+        report.problems = []
+        return CheckResult(self.order, problems, report, op_histogram(work.graph), allowed)
+
+    def _isolator(self, original: fx.GraphModule) -> Callable[[Step], fx.GraphModule | None]:
+        """For the verifier: ``original`` (the graph before the plan, not changed) rewritten
+        by one handler alone, as a copy; None if the handler rewrites nothing there alone
+        (or fails there: it may need the handlers before it)."""
+
+        def alone(step: Step) -> fx.GraphModule | None:
+            work = copy_graph_module(original)
+            editor = GraphEditor(work.graph)
+            applier = RuleApplier(editor)
+            try:
+                records = [
+                    record
+                    for rule in step.handler.rules()
+                    for record in applier.apply(rule, step.handler, step.name)
+                ]
+            except (RewriteError, OptionError):
+                return None
+            return copy_graph_module(work, editor.is_live) if records else None
+
+        return alone
+
+    def _refused(self, problems: list[Problem]) -> list[Problem]:
+        return [p for p in problems if p.kind not in self.allow]
+
+    def _judged(self, gm: fx.GraphModule, verifier: Verifier | None, *, gate: bool) -> Report:
+        """Apply the plan with every check watching; ``report.problems`` holds all they found
+        (``overlap`` first, found on the graph before the run). With ``gate``, refuse the
+        problems ``allow`` does not accept: roll back and raise :class:`CheckError`."""
+        static = find_overlaps(gm.graph, self.ordering)
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),
             NoMatchCheck(),
         ]
-        verifier = Verifier(work, inputs if inputs is not None else self.inputs)
-        try:
-            report = self._apply(work, checks, verifier=verifier)
-        except (RewriteError, OptionError) as exc:  # the plan fails on this graph
-            return CheckResult(self.order, [error_problem(exc)])
-        problems = find_overlaps(gm.graph, self.ordering)
-        problems += [p for check in checks for p in check.problems] + verifier.problems
-        return CheckResult(self.order, problems, report, op_histogram(work.graph))
+        observers = [*checks, verifier] if verifier is not None else checks
+
+        def found() -> list[Problem]:
+            return static + [p for observer in observers for p in observer.problems]
+
+        refuse = (lambda: self._refused(found())) if gate else None
+        report = self._apply(gm, observers, refuse)
+        report.problems = found()
+        if verifier is not None:
+            report.sqnr = verifier.results
+        return report
 
     def _apply(
         self,
         gm: fx.GraphModule,
-        checks: list[Observer],
-        *,
-        verifier: Verifier | None = None,
-        gate: bool = False,
+        observers: list[Observer],
+        refuse: Callable[[], list[Problem]] | None = None,
     ) -> Report:
         """Apply the plan in one transaction, calling the observers after each handler.
-        Roll back if anything raises, or if ``gate`` and the verifier found a problem."""
-        observers = [*checks, verifier] if verifier is not None else checks
+        Roll back if anything raises, or if ``refuse`` returns problems before the commit."""
         editor = GraphEditor(gm.graph)
         applier = RuleApplier(editor)
         report = Report(order=self.order)
@@ -158,14 +212,13 @@ class PassManager:
                 report.records.extend(records)
                 for observer in observers:
                     observer.after_handler(step, records, editor)
-            if gate and verifier is not None and verifier.problems:
-                raise CheckError(verifier.problems)
+            refused = refuse() if refuse is not None else []
+            if refused:
+                raise CheckError(refused)
             editor.commit()
         except BaseException:
             editor.rollback()
             raise
-        if verifier is not None:
-            report.sqnr = verifier.results
         return report
 
 

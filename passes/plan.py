@@ -6,6 +6,9 @@ key ``optional: true`` marks a handler that may match nothing (``no_match`` is t
 problem)::
 
     ["fuse_rms_norm", {"float8": {"optional": True, "recipe": "rowwise"}}]
+
+Other problems a plan accepts are declared for the whole plan, by kind:
+``PassManager(plan, allow=["overlap"])`` (``allow: [overlap]`` in a config).
 """
 
 from __future__ import annotations

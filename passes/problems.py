@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from torchgraft.handlers.options import OptionError
 from torchgraft.ir.errors import RewriteError, TorchgraftError
@@ -38,6 +38,43 @@ ProblemKind = Literal[
 * ``rewrite_error``: a replacement raised during the dry run.
 * ``expect``: the run differs from the expectation file of ``torchgraft check --expect``.
 """
+
+
+UNACCEPTABLE_KINDS = frozenset(
+    {
+        "unknown_handler",
+        "bad_option",
+        "duplicate",
+        "missing_requirement",
+        "cycle",
+        "rewrite_error",
+        "expect",
+    }
+)
+"""Kinds no plan can accept: the plan cannot be built, ordered or applied, or (``expect``)
+the check was asked to compare with a file."""
+
+
+def acceptable_kinds() -> tuple[str, ...]:
+    """The kinds a plan may accept with ``allow=[...]``: every :data:`ProblemKind` found on a
+    graph that can still be rewritten (``overlap``, ``order``, ``no_match``, ``clobber``,
+    ``numerics`` ...)."""
+    return tuple(kind for kind in get_args(ProblemKind) if kind not in UNACCEPTABLE_KINDS)
+
+
+def allowed_kinds(allow: Sequence[str]) -> frozenset[str]:
+    """Validate a plan's ``allow`` list; raises :class:`TorchgraftError` naming a kind that
+    is unknown or cannot be accepted."""
+    if isinstance(allow, str):
+        allow = [allow]
+    acceptable = acceptable_kinds()
+    for kind in allow:
+        if kind not in acceptable:
+            why = "cannot be allowed" if kind in UNACCEPTABLE_KINDS else "is not a problem kind"
+            raise TorchgraftError(
+                f"allow: {kind!r} {why}; a plan may allow {', '.join(acceptable)}"
+            )
+    return frozenset(allow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +137,18 @@ def format_problems(problems: Sequence[Problem]) -> str:
 
 
 class CheckError(TorchgraftError):
-    """A plan cannot run (unknown handler, bad option, cycle ...) or failed verification;
-    the graph is unchanged. ``problems`` lists what was found."""
+    """A plan cannot run (unknown handler, bad option, cycle ...) or has problems the checks
+    found and it does not allow (``overlap``, ``no_match``, ``numerics`` ...); the graph is
+    unchanged. ``problems`` lists what was found."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
-        super().__init__(format_problems(problems))
+        message = format_problems(problems)
+        kinds = sorted({p.kind for p in problems})
+        if kinds and all(kind in acceptable_kinds() for kind in kinds):
+            message += (
+                f"\nTo accept them, fix the plan or declare it: allow: [{', '.join(kinds)}] in the "
+                "config (PassManager(..., allow=[...])), or optional: true on a handler that may "
+                "match nothing"
+            )
+        super().__init__(message)
         self.problems = list(problems)

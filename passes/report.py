@@ -24,9 +24,12 @@ class Report:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Handler → seconds spent matching and rewriting (``"recompile"`` for the final one)."""
     sqnr: dict[str, HandlerSqnr] = dataclasses.field(default_factory=dict)
-    """Handler → SQNR measured after it, when the run was verified."""
+    """Handler → SQNR measured after it, when the run was verified: its step (against the
+    graph before it), alone (by itself on the original graph) and total (against the
+    original graph), and its tolerance."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
-    """Problems that did not stop the run: ``no_match`` and ``clobber``."""
+    """Problems that did not stop the run: those of a kind the plan allows
+    (``PassManager(..., allow=[...])``)."""
     skipped: dict[str, list[Skipped]] = dataclasses.field(default_factory=dict)
     """Handler → places its rules match but its ``reject`` refused (e.g. ``skip_fqns``,
     unsupported shapes), left alone, with the reason."""
@@ -39,14 +42,14 @@ class Report:
     def __str__(self) -> str:
         header = ["handler", "rule", "matches", "ms"]
         if self.sqnr:
-            header += ["SQNR dB", "total dB", "tolerance"]
+            header += ["SQNR dB", "alone dB", "total dB", "tolerance"]
         rows = [header]
         for name in self.order:
             rules = self.rule_matches.get(name, {})
             row = [name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}"]
             if self.sqnr:
                 s = self.sqnr.get(name)
-                row += [_db(s.step_db), _db(s.total_db), _db(s.tolerance_db)] if s else ["", "", ""]
+                row += _sqnr_cells(s) if s else ["", "", "", ""]
             rows.append(row)
             rows.extend(
                 ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
@@ -72,6 +75,8 @@ class CheckResult:
     """The dry run's report; None when plan problems kept the plan from running."""
     ops: dict[str, int] = dataclasses.field(default_factory=dict)
     """Op histogram of the graph after the dry run (op name → count)."""
+    allowed: list[Problem] = dataclasses.field(default_factory=list)
+    """Problems of a kind the plan allows (``allow: [kinds]``): shown, but not failures."""
 
     @property
     def ok(self) -> bool:
@@ -88,6 +93,7 @@ class CheckResult:
             "order": self.order,
             "matches": self.matches,
             "problems": [p.to_dict() for p in self.problems],
+            "allowed": [p.to_dict() for p in self.allowed],
         }
 
     def __str__(self) -> str:
@@ -95,6 +101,8 @@ class CheckResult:
         if self.report is not None:
             lines += ["", str(dataclasses.replace(self.report, problems=[]))]
         lines += ["", format_problems(self.problems)]
+        if self.allowed:
+            lines += ["", "allowed by the plan: " + format_problems(self.allowed)]
         return "\n".join(lines)
 
 
@@ -108,6 +116,12 @@ def table(rows: list[list[str]]) -> str:
         ).rstrip()
         for row in rows
     )
+
+
+def _sqnr_cells(s: HandlerSqnr) -> list[str]:
+    alone = "" if s.alone_db is None else _db(s.alone_db)
+    tolerance = "none" if s.tolerance_db == -math.inf else _db(s.tolerance_db)
+    return [_db(s.step_db), alone, _db(s.total_db), tolerance]
 
 
 def _db(value: float) -> str:

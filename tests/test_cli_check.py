@@ -53,7 +53,7 @@ def test_json_output_is_exactly_the_documented_document(tmp_path, capsys):
     code, out, _ = run(["check", config, "--json"], capsys)
     assert code == 1
     doc = json.loads(out)
-    assert list(doc) == ["ok", "order", "matches", "problems"]
+    assert list(doc) == ["ok", "order", "matches", "problems", "allowed"]
     assert doc["ok"] is False
     assert doc["order"] == ["t_fuse_rms", "t_silu", "t_relu"]
     assert doc["matches"] == {"t_fuse_rms": 5, "t_silu": 2, "t_relu": 0}
@@ -221,6 +221,7 @@ def test_console_entry_points_run_in_a_real_process(tmp_path):
         "order": ["t_fuse_rms", "t_silu"],
         "matches": {"t_fuse_rms": 5, "t_silu": 2},
         "problems": [],
+        "allowed": [],
     }
     code, out, err = results["yaml"]
     assert code == 2 and out == "" and "Traceback" not in err

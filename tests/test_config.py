@@ -77,8 +77,9 @@ def test_defaults():
     assert config.imports == () and config.handlers == () and config.verify is True
     assert config.capture.method == "export" and not config.compile.enabled
     assert config.parallel.tp == 1 and not config.parallel.fsdp
-    assert config.train.to_train_config() == TrainConfig()
-    assert not config.train.compare_baseline
+    # the batch shape is said once: train's defaults to model.inputs[0]'s [batch, seq]
+    assert config.train.to_train_config() == TrainConfig(batch_size=2, seq_len=32)
+    assert config.allow == () and not config.train.compare_baseline
 
 
 @pytest.mark.parametrize(
@@ -113,6 +114,14 @@ def test_defaults():
             "model: {factory: a:b}\nhandlers: [{x: {optional: 1}}]\n",
             "2:27",
             "optional: expected bool",
+        ),
+        ("model: {factory: a:b}\nallow: [no_match, overlapp]\n", "2:19", "'overlapp' is not a"),
+        ("model: {factory: a:b}\nallow: [cycle]\n", "2:9", "'cycle' cannot be allowed"),
+        (  # the batch shape said twice, differently: the error names both lines
+            "model:\n  factory: a:b\n  inputs: [{shape: [4, 32], dtype: int64, high: 300}]\n"
+            "train: {steps: 2, seq_len: 64}\n",
+            "4:28",
+            "train.seq_len is 64 but model.inputs[0] has shape [4, 32] (at run.yaml:3:20)",
         ),
         ("model: {factory: a:b}\nmodel: {factory: a:b}\n", "2:1", "key 'model' appears twice"),
         ("capture: {}\n", "1:1", "missing required key 'model'"),

@@ -212,7 +212,8 @@ CONFIGS = Path(torchgraft.__file__).parent / "configs"
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-@pytest.mark.parametrize("name", ["llama_tp2", "llama_fsdp2"])
+# llama_logits_tp2: a model returning logits, its loss added by torchgraft, under TP
+@pytest.mark.parametrize("name", ["llama_tp2", "llama_fsdp2", "llama_logits_tp2"])
 def test_torchrun_trains_the_config_like_one_process(tmp_path, name):
     config_path = CONFIGS / f"{name}.yaml"
     steps = ["--steps", "3", "--no-progress"]

@@ -220,10 +220,13 @@ def test_numerics_judge_each_handler_on_its_own_step(gm):
     assert result.ok
     lossy, exact = result.report.sqnr["t_low_precision_tolerant"], result.report.sqnr["t_fuse_rms"]
     # measured against the noisy graph before it, the exact rewrite is held to the noise
-    # already there; the cumulative SQNR keeps the first one's error
-    assert exact.tolerance_db == lossy.total_db < 80
-    assert exact.step_db > exact.tolerance_db
+    # already there; alone on the original graph it is exact; the cumulative SQNR keeps the
+    # first one's error
+    assert exact.tolerance_db == 80 and lossy.total_db < 80
+    assert min(exact.tolerance_db, lossy.total_db) < exact.step_db < 80 < exact.alone_db
+    assert lossy.alone_db == lossy.step_db  # the first handler's step is itself alone
     assert math.isclose(exact.total_db, lossy.total_db, abs_tol=1.0)
+    assert "alone dB" in str(result.report)
 
 
 def test_numerics_see_gradients_that_stop_flowing(gm):
@@ -299,13 +302,40 @@ def test_run_verifies_when_asked_and_rolls_back(model, tokens):
     assert "SQNR dB" in str(report)
 
 
-def test_run_keeps_non_fatal_problems_in_the_report(model, tokens):
+def test_run_refuses_what_check_reports_and_keeps_allowed_problems(model, tokens):
     gm = tg.capture(model, (tokens,))
-    report = tg.PassManager(["t_relu", "t_silu"]).run(gm)
+    code = gm.code
+    # one judge: every kind check reports stops run too, with the graph unchanged
+    for plan, kind in [
+        (["t_relu", "t_silu"], "no_match"),
+        (["t_linear_matmul", {"t_low_precision_tolerant": {"optional": True}}], "overlap"),
+        (["t_matmul_back", "t_linear_matmul"], "order"),
+        (["t_linear_matmul", "t_matmul_back"], "clobber"),
+    ]:
+        with pytest.raises(tg.CheckError, match=rf"\[{kind}\]") as info:
+            tg.PassManager(plan).run(gm)
+        assert kind in kinds(info.value.problems)
+        assert kinds(info.value.problems) == kinds(check(gm, plan))
+        assert "allow: [" in str(info.value)
+        assert gm.code == code
+    report = tg.PassManager(["t_relu", "t_silu"], allow=["no_match"]).run(gm)
     assert report.matches == {"t_relu": 0, "t_silu": 2}
-    assert [p.kind for p in report.problems] == ["no_match"]
+    assert kinds(report.problems) == ["no_match"]
     with pytest.raises(tg.CheckError, match="unknown_handler"):
-        tg.PassManager(["nope"]).run(gm)
+        tg.PassManager(["nope"], allow=["no_match"]).run(gm)
+
+
+def test_allowed_problems_pass_check_and_are_shown(gm):
+    result = tg.PassManager(["t_relu", "t_silu"], allow=["no_match"]).dry_run(gm)
+    assert result.ok and result.problems == [] and kinds(result.allowed) == ["no_match"]
+    assert "allowed by the plan: 1 problem" in str(result)
+    assert [p["kind"] for p in result.to_json()["allowed"]] == ["no_match"]
+    assert (
+        check(gm, ["t_relu"]) != [] and tg.PassManager(["t_relu"], allow="no_match").check(gm) == []
+    )
+    for bad, why in [("overlapp", "is not a problem kind"), ("cycle", "cannot be allowed")]:
+        with pytest.raises(tg.TorchgraftError, match=f"allow: '{bad}' {why}"):
+            tg.PassManager(["t_silu"], allow=[bad])
 
 
 def test_verify_uses_given_inputs_and_reports_unrunnable_graphs(gm, tokens):

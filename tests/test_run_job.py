@@ -74,12 +74,12 @@ def test_run_writes_metrics_and_loss_plot(tmp_path, capsys):
     assert "trained 4 steps" in printed and "float8" in printed
 
 
-def test_run_rejects_inputs_that_are_not_training_batches(tmp_path, capsys):
+def test_run_rejects_a_batch_shape_said_twice_differently(tmp_path, capsys):
     code = cli.main(["run", str(write_config(tmp_path, batch=2)), "--steps", "1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "run.yaml:" in err and "[train.batch_size, train.seq_len] = [4, 32]" in err
-    assert "Traceback" not in err
+    assert "run.yaml:12:32: train.batch_size is 4 but model.inputs[0] has shape" in err
+    assert "[2, 32] (at " in err and "run.yaml:6:" in err and "Traceback" not in err
 
 
 def test_run_with_compile(tmp_path, capsys):

@@ -21,6 +21,7 @@ from torchgraft.passes.parallelize import (
 )
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
+from torchgraft.train.lm import UnsupportedModelError, as_trained, check_scalar_loss
 from torchgraft.train.loop import NonFiniteError, TrainResult, train
 from torchgraft.train.strict_json import dumps_strict
 
@@ -67,9 +68,9 @@ def run_job(
     train_config = _train_config(config, steps, progress)
     out = Path(out_dir if out_dir is not None else config.output.dir)
     config.import_modules()
-    inputs = _capture_inputs(config, train_config)
     model = config.build_model()
-    gm = config.capture_model(model, inputs)
+    batch = _capture_inputs(config, train_config, model)
+    gm, inputs = _capture_objective(config, model, batch)
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
 
@@ -90,7 +91,7 @@ def run_job(
         return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED)
     baseline = None
     if config.train.compare_baseline:
-        baseline_gm = config.capture_model(config.build_model(), inputs)
+        baseline_gm, _ = _capture_objective(config, config.build_model(), batch)
         baseline_config = baseline_train_config(train_config)
         try:
             baseline = train(_parallelize_and_compile(config, baseline_gm), baseline_config)
@@ -162,17 +163,22 @@ def is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _capture_inputs(config: Config, train_config: TrainConfig) -> tuple[torch.Tensor, ...]:
-    """The example inputs to capture with: one training batch (tokens, labels), or one
+def _capture_inputs(
+    config: Config, train_config: TrainConfig, model: nn.Module
+) -> tuple[torch.Tensor, ...]:
+    """The example inputs to capture with: one training batch as ``model.inputs`` (or,
+    omitted, ``train``) gives it — ``(tokens,)`` for ``forward(tokens)`` returning logits,
+    ``(tokens, labels)`` for ``forward(tokens, labels)`` returning the loss — or one
     data-parallel rank's rows of it under FSDP (the captured graph has static shapes)."""
-    inputs = config.example_inputs(seed=train_config.seed)
-    batch = [train_config.batch_size, train_config.seq_len]
+    specs = config.batch_specs(model)
     where = config.locations.get("model.inputs") or config.locations.get("model")
-    if len(inputs) != 2 or any(list(t.shape) != batch for t in inputs):
+    batch = (train_config.batch_size, train_config.seq_len)
+    inputs = config.example_inputs(seed=train_config.seed, model=model)
+    if all(t.dim() == 2 for t in inputs) and any(tuple(s.shape) != batch for s in specs):
         raise ConfigError(
-            "model.inputs must be the training batch (tokens, labels), each of shape "
-            f"[train.batch_size, train.seq_len] = {batch}, because the captured graph has static "
-            f"shapes; got {[list(t.shape) for t in inputs]}",
+            f"model.inputs {[list(s.shape) for s in specs]} must each be the training batch "
+            f"[train.batch_size, train.seq_len] = {list(batch)} (the captured graph has static "
+            "shapes)",
             where,
         )
     parallel = config.parallel
@@ -184,6 +190,22 @@ def _capture_inputs(config: Config, train_config: TrainConfig) -> tuple[torch.Te
             config.locations.get("train.batch_size") or where,
         )
     return tuple(t[: train_config.batch_size // dp] for t in inputs)
+
+
+def _capture_objective(
+    config: Config, model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Capture the training objective ``forward(tokens, labels) -> loss``: the model itself
+    if it computes the loss, else the model with next-token cross-entropy added
+    (:func:`~torchgraft.train.lm.as_trained`: same parameter FQNs and objects)."""
+    where = config.locations.get("model.inputs") or config.locations.get("model")
+    try:
+        module, inputs = as_trained(model, inputs)
+        gm = config.capture_model(module, inputs)
+        check_scalar_loss(gm)
+    except UnsupportedModelError as exc:
+        raise ConfigError(str(exc), where) from None
+    return gm, inputs
 
 
 def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:

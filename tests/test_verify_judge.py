@@ -1,0 +1,137 @@
+"""Verify tells the truth: a gradient that is zero in exact arithmetic raises no alarm, each
+handler is judged alone as well as on its step, and a handler that computes a different
+function on purpose says so."""
+
+from __future__ import annotations
+
+import passes_handlers  # noqa: F401  (registers the t_* handlers)
+import pytest
+import torch
+
+import torchgraft as tg
+from torchgraft.handlers.base import HandlerDefinitionError
+from torchgraft.models import build_llama
+from torchgraft.ops.numerics import sqnr
+from torchgraft.passes.verify import Verifier, judged_sqnr, scale_floors
+from torchgraft.tools.graph_copy import run_on_copy
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A tiny transformers BERT (SiLU FFN): its key-projection biases get zero gradients."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        hidden_act="silu",
+        attn_implementation="sdpa",
+    )
+    model = transformers.BertForMaskedLM(config)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    return tg.capture(model, (ids,)), ids
+
+
+def test_a_gradient_zero_in_exact_arithmetic_raises_no_alarm(bert):
+    gm, ids = bert
+    key_bias = "gradient of bert.encoder.layer.0.attention.self.key.bias"
+    before = Verifier(gm, (ids,)).reference
+    after = Verifier(run_on_copy(gm, ["t_silu"])[0], (ids,)).reference
+    floors = scale_floors(before)
+    # the reference is rounding noise: compared with itself it reads as a failure ...
+    assert (
+        before[key_bias].norm()
+        < 1e-9 * before["gradient of bert.embeddings.word_embeddings.weight"].norm()
+    )
+    assert sqnr(after[key_bias], before[key_bias]) < 20
+    # ... judged against the rounding level of all gradients, it is exact
+    assert judged_sqnr(after[key_bias], before[key_bias], floors[key_bias]) > 100
+    # a value above the rounding level keeps its own scale, even a small one (the query
+    # bias: 1e-3, four orders below the typical gradient here)
+    query_bias = key_bias.replace("key", "query")
+    assert floors[query_bias] < float(before[query_bias].norm()) < 1e-2
+    for plan in (["t_silu"], [{"int8": {"skip_fqns": []}}]):
+        result = tg.PassManager(plan).dry_run(gm, (ids,))
+        assert result.problems == [], result
+
+
+def test_int8_after_float8_is_judged_alone_too():
+    model = build_llama("tiny", with_loss=True, seed=0)
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    gm = tg.capture(model, (tokens, tokens.clone()))
+    plan = [
+        {"float8": {"skip_fqns": ["output", "feed_forward"]}},
+        {"int8": {"skip_fqns": ["output", "attention"]}},
+    ]
+    result = tg.PassManager(plan).dry_run(gm)
+    assert result.problems == [], result
+    int8 = result.report.sqnr["int8"]
+    # on the graph float8 already made noisy its step reads below int8's tolerance; alone on
+    # the original graph it is well above: the tolerance judges that, the step is held to
+    # the noise already there
+    assert int8.step_db < int8.tolerance_db == 26.0 < int8.alone_db
+    assert int8.step_db >= result.report.sqnr["float8"].total_db
+    text = str(result.report)
+    assert "alone dB" in text and f"{int8.alone_db:.1f}" in text
+
+
+def test_a_handler_is_refused_when_it_fails_alone():
+    model = build_llama("tiny", seed=0)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    gm = tg.capture(model, (tokens,))
+
+    class SiluInBfloat16(tg.Handler):
+        sqnr_tolerance = 70.0
+
+        @tg.rule
+        def silu(x):
+            return aten.silu.default(x)
+
+        @silu.replacement
+        def _(x):
+            y = aten.silu.default(aten._to_copy.default(x, dtype=torch.bfloat16))
+            return aten._to_copy.default(y, dtype=torch.float32)
+
+    result = tg.PassManager(["t_low_precision_tolerant", SiluInBfloat16]).dry_run(gm)
+    s = result.report.sqnr["SiluInBfloat16"]
+    assert s.step_db >= result.report.sqnr["t_low_precision_tolerant"].total_db  # step passes
+    assert s.alone_db < 70.0
+    (p,) = result.problems
+    assert p.kind == "numerics" and p.handlers == ("SiluInBfloat16",)
+    assert "applied alone to the original graph" in p.message
+
+
+class ReluToGelu(tg.Handler):
+    @tg.rule
+    def relu(x):
+        return aten.relu.default(x)
+
+    @relu.replacement
+    def _(x):
+        return aten.gelu.default(x)
+
+
+class DeclaredReluToGelu(ReluToGelu):
+    approximates = False
+
+
+def test_a_different_function_declares_what_it_is():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    gm = tg.capture(model, (torch.randn(4, 16),))
+    (p,) = tg.PassManager([ReluToGelu]).check(gm)
+    assert p.kind == "numerics" and "exact rewrite" in p.message
+    report = tg.PassManager([DeclaredReluToGelu], verify=True).run(gm)
+    s = report.sqnr["DeclaredReluToGelu"]
+    assert s.step_db < 40 and s.tolerance_db == float("-inf")  # measured, held to none
+    assert "none" in str(report)
+    with pytest.raises(HandlerDefinitionError, match="keep one"):
+
+        class Both(ReluToGelu):  # noqa: F841
+            approximates = False
+            sqnr_tolerance = 10.0
