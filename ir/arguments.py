@@ -24,10 +24,22 @@ from torch import fx
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
 _REQUIRED = object()
-_TENSOR = "Tensor"
-"""Annotation of a parameter that takes only tensors (or None when optional)."""
-_OTHER = "other"
-"""Annotation of a schema parameter that takes no tensor (scalars, lists, dtypes ...)."""
+
+
+class _Kind:
+    """Annotation of a parameter of a signature built from a schema."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_TENSOR = _Kind("Tensor")
+"""A parameter that takes only tensors (or None when optional)."""
+_OTHER = _Kind("other")
+"""A parameter that takes no tensor (scalars, lists, dtypes ...)."""
 
 
 @functools.cache
@@ -64,7 +76,10 @@ def _uncached_signatures(op: str, target: Any) -> tuple[inspect.Signature, ...]:
         return tuple(_from_schema(s) for s in schemas)
     if op != "call_function":
         return ()
-    _, schemas = get_signature_for_torch_op(target, return_schemas=True)
+    try:
+        _, schemas = get_signature_for_torch_op(target, return_schemas=True)
+    except Exception:  # a callable torch cannot look up: use its Python signature
+        schemas = None
     if schemas:
         return tuple(_from_schema(s) for s in schemas)
     try:
@@ -118,7 +133,7 @@ def _fits(signature: inspect.Signature, bound: inspect.BoundArguments) -> bool:
     for name, value in bound.arguments.items():
         annotation = signature.parameters[name].annotation
         tensor = _is_tensor(value)
-        if (annotation == _TENSOR and tensor is False) or (annotation == _OTHER and tensor):
+        if (annotation is _TENSOR and tensor is False) or (annotation is _OTHER and tensor):
             return False
     return True
 

@@ -384,15 +384,10 @@ def find_matches(
     graph: fx.Graph, rule: Rule, handler: Any = None, is_live: IsLive = _always_live
 ) -> list[Match]:
     """All non-overlapping matches of ``rule`` in ``graph``, in graph order of their anchors."""
-    anchor = rule.pattern.anchor
     match_here = _AnchoredMatcher(rule, handler, is_live)
     claimed: set[fx.Node] = set()
     matches = []
-    if anchor.op == "call_module":  # any call of a module of the pattern's class
-        candidates = graph.find_nodes(op="call_module")
-    else:
-        candidates = graph.find_nodes(op=anchor.op, target=anchor.target)
-    for node in candidates:
+    for node in rule.pattern.candidates(graph):
         if node in claimed:
             continue
         match = match_here(node)

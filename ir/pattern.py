@@ -147,6 +147,13 @@ class Pattern:
                 f"pattern {where}: its outputs share no node or parameter; write separate rules"
             )
 
+    def candidates(self, graph: fx.Graph) -> list[fx.Node]:
+        """Nodes of ``graph`` that call the anchor's op (indexed by ``graph.find_nodes``)."""
+        anchor = self.anchor
+        if anchor.op == "call_module":  # any call of a module of the anchor's class
+            return [n for n in graph.find_nodes(op="call_module") if self.calls_same(anchor, n)]
+        return graph.find_nodes(op=anchor.op, target=anchor.target)
+
     def calls_same(self, p: fx.Node, g: fx.Node) -> bool:
         """Whether graph node ``g`` calls what pattern op ``p`` calls (a module by class)."""
         if g.op != p.op:

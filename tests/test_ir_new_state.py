@@ -161,3 +161,29 @@ def test_tensor_literal_in_replacement_becomes_a_constant():
     (name,) = report.records[0].attributes
     assert name == "1._tensor_constant" and name not in gm.state_dict()
     torch.testing.assert_close(gm(x), model(x) * 2)
+
+
+def test_module_replacement_shares_its_parameters_with_every_match():
+    class Adapter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return aten.relu.default(self.up(x))
+
+    class ReluToAdapter(tg.Handler):
+        relu = tg.rule(lambda x: aten.relu.default(x), name="relu")
+
+    adapter = Adapter()
+    ReluToAdapter.relu.replacement(adapter)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+    gm = tg.capture(model, (x,))
+    report = tg.PassManager([ReluToAdapter]).run(gm)
+    assert [r.attributes for r in report.records] == [["1.up_weight"], ["3.up_weight"]]
+    assert gm.get_parameter("1.up_weight") is adapter.up.weight  # shared, trained once
+    assert len(list(gm.parameters())) == 5
+    with torch.no_grad():
+        expected = adapter(model[2](adapter(model[0](x))))
+    torch.testing.assert_close(gm(x), expected)
