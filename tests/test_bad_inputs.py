@@ -471,7 +471,7 @@ def test_yaml_merge_keys_are_accepted(tmp_path):
     assert config.model.kwargs == {"steps": 3, "batch_size": 2, "preset": "tiny"}
 
 
-@pytest.mark.parametrize("case_id", ["lr-negative", "factory-system-exit"])
+@pytest.mark.parametrize("case_id", ["check-input-shape-mismatch", "factory-system-exit"])
 def test_bad_input_in_a_real_process(case_id, tmp_path, monkeypatch):
     (case,) = [c for c in CASES if c.id == case_id]
     argv = prepare(case, tmp_path, monkeypatch)

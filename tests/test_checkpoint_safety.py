@@ -122,6 +122,17 @@ def test_leftover_of_a_killed_save_is_ignored_and_replaced(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["step-2", "step-4", "step-6"]
 
 
+def test_overwrite_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path):
+    """A kill after ``step-4`` was moved aside and before the new one took its place."""
+    plain = train(model(), tiny(steps=6, checkpoint_dir=tmp_path / "plain"))
+    directory = tmp_path / "ckpt"
+    train(model(), tiny(steps=4, checkpoint_dir=directory))
+    (directory / "step-4").rename(directory / ".step-4.old")
+    with pytest.warns(CheckpointWarning):
+        resumed = train(model(), tiny(steps=6, checkpoint_dir=directory, resume=True))
+    assert resumed.start_step == 4 and resumed.history == plain.losses
+
+
 _KILLED_RUN = """
 import sys
 from torchgraft.models.llama import build_llama

@@ -141,6 +141,8 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The checkpoint with the highest step, or ``None``. A ``step-<k>`` directory
         without a manifest was not written by this version of torchgraft: refused."""
+        _restore_moved_aside(self.directory)
+        _barrier()
         found = _step_dirs(self.directory)
         if not found:
             return None
@@ -247,6 +249,17 @@ def _replace_directory(source: Path, target: Path) -> None:
         shutil.rmtree(aside)
     else:
         source.rename(target)
+
+
+def _restore_moved_aside(directory: Path) -> None:
+    """Put back a ``step-<k>`` that a killed overwrite moved aside (``.step-<k>.old``) but
+    did not replace."""
+    if not (directory.is_dir() and _is_main()):
+        return
+    for aside in directory.glob(".step-*.old"):
+        target = aside.with_name(aside.name[1 : -len(".old")])
+        if not target.exists():
+            aside.rename(target)
 
 
 def _is_main() -> bool:
