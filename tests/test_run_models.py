@@ -87,6 +87,10 @@ def image():
 
 def logits_from_two():
     return LogitsFromTwo()
+
+
+def small_vocab():
+    return build_llama("tiny", vocab_size=128)
 '''
 
 
@@ -236,6 +240,11 @@ def test_a_dict_of_logits_and_a_loss_model_without_inputs(tmp_path, capsys):
             "zoo_factories:bidirectional",
             "[{shape: [2, 16], dtype: int64, high: 256}]",
             "Bidirectional is not causal",
+        ),
+        (  # the training text is bytes: 256 ids
+            "zoo_factories:small_vocab",
+            "[{shape: [2, 16], dtype: int64, high: 128}]",
+            "forward(tokens [1, 16]) returned logits of shape [1, 16, 128]",
         ),
         (
             "zoo_factories:logits_from_two",
