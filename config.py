@@ -18,8 +18,13 @@ give ``file:line:column``)::
     allow: [overlap]                             # problem kinds this plan accepts
     parallel: {tp: 1, fsdp: false, plan: {}}
     compile: {enabled: false}
-    train: {steps: 100, batch_size: 8, seq_len: 128, lr: 3.0e-4, compare_baseline: false}
+    train: {steps: 100, lr: 3.0e-4, compare_baseline: false}   # batch 2 x 32: model.inputs
     output: {dir: runs}
+
+The batch shape is said once: ``train.batch_size`` / ``train.seq_len`` default to the
+``[batch, seq]`` of an integer ``model.inputs[0]`` (else 8 x 128), ``model.inputs`` may be
+omitted (the ``train`` batch: tokens, plus labels when ``forward`` requires two
+arguments), and stating both differently is an error naming both lines.
 
 The file is read with PyYAML's safe loader: no tag can construct a Python object. A config
 runs code only by importing the modules listed in ``imports`` and ``model.factory`` and by
