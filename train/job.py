@@ -17,7 +17,6 @@ from torchgraft.config import Config, ConfigError
 from torchgraft.passes.parallelize import data_parallel_degree, parallelize
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
-from torchgraft.train.lm import UnsupportedModelError, as_trained, check_scalar_loss
 from torchgraft.train.loop import TrainResult, train
 
 METRICS_FILE = "metrics.json"
@@ -50,7 +49,7 @@ def run_job(
     config.import_modules()
     model = config.build_model()
     batch = _capture_inputs(config, train_config, model)
-    gm, inputs = _capture_objective(config, model, batch)
+    gm, inputs = config.judged_graph(model, batch, strict=True)
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
 
@@ -61,7 +60,7 @@ def run_job(
     result = train(runnable, train_config, handlers=pm.handlers)
     baseline = None
     if config.train.compare_baseline:
-        baseline_gm, _ = _capture_objective(config, config.build_model(), batch)
+        baseline_gm, _ = config.judged_graph(config.build_model(), batch, strict=True)
         baseline = train(_parallelize_and_compile(config, baseline_gm), train_config)
     metrics = _metrics(config, report, result, baseline, train_config)
     if not is_main_process():
@@ -123,22 +122,6 @@ def _capture_inputs(
             config.locations.get("train.batch_size") or where,
         )
     return tuple(t[: train_config.batch_size // dp] for t in inputs)
-
-
-def _capture_objective(
-    config: Config, model: nn.Module, inputs: tuple[torch.Tensor, ...]
-) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """Capture the training objective ``forward(tokens, labels) -> loss``: the model itself
-    if it computes the loss, else the model with next-token cross-entropy added
-    (:func:`~torchgraft.train.lm.as_trained`: same parameter FQNs and objects)."""
-    where = config.locations.get("model.inputs") or config.locations.get("model")
-    try:
-        module, inputs = as_trained(model, inputs)
-        gm = config.capture_model(module, inputs)
-        check_scalar_loss(gm)
-    except UnsupportedModelError as exc:
-        raise ConfigError(str(exc), where) from None
-    return gm, inputs
 
 
 def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:
