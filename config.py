@@ -18,8 +18,13 @@ give ``file:line:column``)::
     allow: [overlap]                             # problem kinds this plan accepts
     parallel: {tp: 1, fsdp: false, plan: {}}
     compile: {enabled: false}
-    train: {steps: 100, batch_size: 8, seq_len: 128, lr: 3.0e-4, compare_baseline: false}
+    train: {steps: 100, lr: 3.0e-4, compare_baseline: false}   # batch 2 x 32: model.inputs
     output: {dir: runs}
+
+The batch shape is said once: ``train.batch_size`` / ``train.seq_len`` default to the
+``[batch, seq]`` of an integer ``model.inputs[0]`` (else 8 x 128), ``model.inputs`` may be
+omitted (the ``train`` batch: tokens, plus labels when ``forward`` requires two
+arguments), and stating both differently is an error naming both lines.
 
 The file is read with PyYAML's safe loader: no tag can construct a Python object. A config
 runs code only by importing the modules listed in ``imports`` and ``model.factory`` and by
@@ -56,7 +61,13 @@ from torchgraft.passes import CheckResult, HandlerEntry, PassManager
 from torchgraft.passes.parallelize import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TRAIN_TIMEOUT_S
 from torchgraft.passes.problems import allowed_kinds
 from torchgraft.train.config import FieldError, TrainConfig
-from torchgraft.train.lm import BYTE_VOCAB, UnsupportedModelError, as_trained, takes_labels
+from torchgraft.train.lm import (
+    BYTE_VOCAB,
+    UnsupportedModelError,
+    as_trained,
+    check_scalar_loss,
+    takes_labels,
+)
 
 MAX_DEPTH = 64
 """Deepest nesting of lists and mappings a config may have."""
@@ -328,17 +339,35 @@ class Config:
         gm, inputs = self.judged_graph(model)
         return pm.dry_run(gm, inputs)
 
-    def judged_graph(self, model: nn.Module) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-        """The captured graph that ``check``, ``viz`` and ``explain`` look at, and its inputs:
-        what ``torchgraft run`` trains when it can train the model (a causal LM's
-        ``forward(tokens)`` gets the next-token loss, :func:`~torchgraft.train.lm.as_trained`),
-        else the model as it is (a vision model, an encoder)."""
-        inputs = self.example_inputs(model=model)
+    def judged_graph(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...] | None = None,
+        *,
+        strict: bool = False,
+    ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+        """The captured graph ``torchgraft run`` trains and ``check``, ``viz`` and ``explain``
+        judge, with its inputs (default: :meth:`example_inputs`): a causal LM's
+        ``forward(tokens)`` with the next-token loss added, or a ``forward(tokens, labels)``
+        loss model as it is (:func:`~torchgraft.train.lm.as_trained`). Any other model is
+        taken as it is, or with ``strict`` (``run``) refused with a :class:`ConfigError`
+        saying what ``run`` supports."""
+        if inputs is None:
+            inputs = self.example_inputs(model=model)
+        where = self.locations.get("model.inputs") or self.locations.get("model")
         try:
-            module, inputs = as_trained(model, inputs)
-        except UnsupportedModelError:
-            module = model
-        return self.capture_model(module, inputs), inputs
+            module, trained = as_trained(model, inputs)
+        except UnsupportedModelError as exc:
+            if strict:
+                raise ConfigError(str(exc), where) from None
+            return self.capture_model(model, inputs), inputs
+        gm = self.capture_model(module, trained)
+        if strict:
+            try:
+                check_scalar_loss(gm)
+            except UnsupportedModelError as exc:
+                raise ConfigError(str(exc), where) from None
+        return gm, trained
 
     def _import(self, module: str, key: str) -> types.ModuleType:
         with self._search_path():

@@ -173,6 +173,8 @@ class Verifier:
             )
         self.previous = self.reference
         self.total_db = math.inf
+        self.changed = False
+        """Whether a handler before the current one rewrote anything."""
 
     def after_handler(self, step: Step, records: list[MatchRecord], editor: GraphEditor) -> None:
         if self.reference is None:
@@ -184,11 +186,6 @@ class Verifier:
         before_db = self.total_db
         try:
             current = self._measure(copy_graph_module(self.gm, editor.is_live))
-            alone = None
-            if math.isinf(before_db):  # nothing changed before: the step is the handler alone
-                alone = current
-            elif self.isolate is not None and (isolated := self.isolate(step)) is not None:
-                alone = self._measure(isolated)
         except Exception as exc:
             self.problems.append(
                 Problem(
@@ -202,6 +199,8 @@ class Verifier:
             )
             self.reference = None  # later handlers cannot be measured either
             return
+        alone = current if not self.changed else self._alone(step)
+        self.changed = True
         step_db, worst = _worst(current, self.previous, self.floors)
         self.total_db, _ = _worst(current, self.reference, self.floors)
         alone_db, alone_worst = (
@@ -225,6 +224,17 @@ class Verifier:
                 f"'{step.name}' applied alone to the original graph gives the {alone_worst} "
                 f"SQNR {alone_db:.1f} dB, below {tolerance:.1f} dB required of {kind}",
             )
+
+    def _alone(self, step: Step) -> Values | None:
+        """The values of the original graph rewritten by ``step``'s handler alone; None if
+        that cannot be built or run (the handler may need the ones before it)."""
+        isolated = self.isolate(step) if self.isolate is not None else None
+        if isolated is None:
+            return None
+        try:
+            return self._measure(isolated)
+        except Exception:  # judged on its step only, like a handler that needs others
+            return None
 
     def _problem(self, step: Step, message: str) -> None:
         self.problems.append(Problem("numerics", (step.name,), None, None, None, message))
@@ -257,7 +267,7 @@ class Verifier:
 
 
 def _tolerance(step: Step, reference: Values) -> float:
-    if not getattr(step.handler, "approximates", True):
+    if not step.handler.approximates:
         return -math.inf
     if step.handler.sqnr_tolerance is None:
         return _exact_tolerance(reference)

@@ -95,7 +95,8 @@ def test_leaf_call_is_matched_by_patterns_calling_it():
         def _(x, w):
             return aten.linear.default(x, w)
 
-    assert tg.PassManager([LeafBack]).run(gm).matches == {"LeafBack": 2}
+    # LeafBack undoes what ToLeaf made (a clobber the test intends)
+    assert tg.PassManager([LeafBack], allow=["clobber"]).run(gm).matches == {"LeafBack": 2}
 
 
 def test_computing_on_a_leaf_without_fake_function_is_explained():

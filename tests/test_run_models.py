@@ -87,6 +87,10 @@ def image():
 
 def logits_from_two():
     return LogitsFromTwo()
+
+
+def small_vocab():
+    return build_llama("tiny", vocab_size=128)
 '''
 
 
@@ -175,6 +179,33 @@ def test_a_transformers_gpt2_trains_as_it_ships(tmp_path, capsys):
     assert {h["name"]: h["matches"] for h in doc["handlers"]} == {"chunked_cross_entropy": 1}
 
 
+def test_a_transformers_qwen2_trains_with_float8_and_the_chunked_loss(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    path = write(
+        tmp_path,
+        """\
+        model:
+          factory: "torchgraft.models.hf:build_causal_lm"
+          kwargs: {model_type: qwen2, vocab_size: 256, hidden_size: 64, intermediate_size: 128,
+                   num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
+                   max_position_embeddings: 64}
+          inputs: [{shape: [2, 32], dtype: int64, high: 256}]
+        handlers:
+          - chunked_cross_entropy: {chunk_size: 32}
+          - float8
+        """,
+    )
+    code, _, err, out = run(path, tmp_path, capsys, "--steps", "3")
+    assert code == 0, err
+    doc = metrics(out)
+    assert doc["steps"] == 3 and finite(doc["losses"])
+    # q/k/v (with bias), o, gate, up, down per layer; the head is inside the chunked loss
+    assert {h["name"]: h["matches"] for h in doc["handlers"]} == {
+        "chunked_cross_entropy": 1,
+        "float8": 14,
+    }
+
+
 def test_a_dict_of_logits_and_a_loss_model_without_inputs(tmp_path, capsys):
     path = write(
         tmp_path,
@@ -209,6 +240,11 @@ def test_a_dict_of_logits_and_a_loss_model_without_inputs(tmp_path, capsys):
             "zoo_factories:bidirectional",
             "[{shape: [2, 16], dtype: int64, high: 256}]",
             "Bidirectional is not causal",
+        ),
+        (  # the training text is bytes: 256 ids
+            "zoo_factories:small_vocab",
+            "[{shape: [2, 16], dtype: int64, high: 128}]",
+            "forward(tokens [1, 16]) returned logits of shape [1, 16, 128]",
         ),
         (
             "zoo_factories:logits_from_two",

@@ -21,7 +21,6 @@ from torchgraft.passes.parallelize import (
 )
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
-from torchgraft.train.lm import UnsupportedModelError, as_trained, check_scalar_loss
 from torchgraft.train.loop import NonFiniteError, TrainResult, train
 from torchgraft.train.strict_json import dumps_strict
 
@@ -70,7 +69,7 @@ def run_job(
     config.import_modules()
     model = config.build_model()
     batch = _capture_inputs(config, train_config, model)
-    gm, inputs = _capture_objective(config, model, batch)
+    gm, inputs = config.judged_graph(model, batch, strict=True)
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
 
@@ -91,7 +90,7 @@ def run_job(
         return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED)
     baseline = None
     if config.train.compare_baseline:
-        baseline_gm, _ = _capture_objective(config, config.build_model(), batch)
+        baseline_gm, _ = config.judged_graph(config.build_model(), batch, strict=True)
         baseline_config = baseline_train_config(train_config)
         try:
             baseline = train(_parallelize_and_compile(config, baseline_gm), baseline_config)
@@ -190,22 +189,6 @@ def _capture_inputs(
             config.locations.get("train.batch_size") or where,
         )
     return tuple(t[: train_config.batch_size // dp] for t in inputs)
-
-
-def _capture_objective(
-    config: Config, model: nn.Module, inputs: tuple[torch.Tensor, ...]
-) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """Capture the training objective ``forward(tokens, labels) -> loss``: the model itself
-    if it computes the loss, else the model with next-token cross-entropy added
-    (:func:`~torchgraft.train.lm.as_trained`: same parameter FQNs and objects)."""
-    where = config.locations.get("model.inputs") or config.locations.get("model")
-    try:
-        module, inputs = as_trained(model, inputs)
-        gm = config.capture_model(module, inputs)
-        check_scalar_loss(gm)
-    except UnsupportedModelError as exc:
-        raise ConfigError(str(exc), where) from None
-    return gm, inputs
 
 
 def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:

@@ -109,7 +109,7 @@ def check_language_model(model: nn.Module, tokens: torch.Tensor) -> None:
     random state (dropout), and restores its buffers."""
     row = tokens[:1]
     changed = row.clone()
-    changed[0, -1] = (changed[0, -1] + 1) % BYTE_VOCAB
+    changed[0, -1] = 1 if int(row[0, -1]) == 0 else 0  # a valid id in any vocabulary
     kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
@@ -118,7 +118,14 @@ def check_language_model(model: nn.Module, tokens: torch.Tensor) -> None:
             for ids in (row, changed):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
-                    outputs.append(logits_of(model(ids, **kwargs)).float())
+                    try:
+                        output = model(ids, **kwargs)
+                    except Exception as exc:  # the user's model on one row of its inputs
+                        raise UnsupportedModelError(
+                            f"forward(tokens [1, {row.shape[1]}]) raised "
+                            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                        ) from exc
+                    outputs.append(logits_of(output).float())
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
