@@ -120,7 +120,7 @@ def test_metrics_json_names_what_was_not_finite():
     text = dumps_strict(
         {
             "losses": [2.5, math.nan, 2.25],
-            "sqnr_db": [{"name": "exact", "step_db": math.inf, "total_db": -math.inf}],
+            "sqnr_db": [{"step_db": math.inf, "total_db": -math.inf, "tolerance_db": -math.inf}],
             "tokens_per_s": 10.0,
         }
     )
@@ -130,4 +130,5 @@ def test_metrics_json_names_what_was_not_finite():
     exact = data["sqnr_db"][0]
     assert exact["step_db"] is None and "exact" in exact["step_db_why"]
     assert exact["total_db"] is None and "zeros" in exact["total_db_why"]
+    assert exact["tolerance_db"] is None and "no tolerance" in exact["tolerance_db_why"]
     assert data["tokens_per_s"] == 10.0 and "tokens_per_s_why" not in data

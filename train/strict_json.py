@@ -17,7 +17,8 @@ WHY_SUFFIX = "_why"
 def dumps_strict(data: Mapping[str, Any]) -> str:
     """``data`` as indented strict JSON. A non-finite float is written as ``null`` and its
     key gets a sibling ``"<key>_why"``: an SQNR (a key ending in ``_db``) of ``+inf`` is an
-    exact match, ``-inf`` a zero reference; elsewhere the value is named (``nan``, ``inf``).
+    exact match, ``-inf`` a zero reference, a ``tolerance_db`` of ``-inf`` no tolerance;
+    elsewhere the value is named (``nan``, ``inf``).
     In a list, the null entries' indices are named instead."""
     return json.dumps(_strict(data), indent=2, allow_nan=False)
 
@@ -38,12 +39,22 @@ def _strict(value: Any) -> Any:
     return value
 
 
+# What a non-finite value means, by the key's suffix (the longest that fits wins).
+_MEANINGS: dict[str, dict[float, str]] = {
+    "_db": {
+        math.inf: "inf: no difference from the reference (exact)",
+        -math.inf: "-inf: the reference is all zeros",
+    },
+    "tolerance_db": {-math.inf: "-inf: no tolerance (the handler does not approximate)"},
+}
+
+
 def _why(key: str, value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
-        if key.endswith("_db") and value == math.inf:
-            return "inf: no difference from the reference (exact)"
-        if key.endswith("_db") and value == -math.inf:
-            return "-inf: the reference is all zeros"
+        suffixes = sorted((s for s in _MEANINGS if key.endswith(s)), key=len, reverse=True)
+        for suffix in suffixes:
+            if value in _MEANINGS[suffix]:
+                return _MEANINGS[suffix][value]
         return str(value)
     if isinstance(value, (list, tuple)):
         bad = [i for i, v in enumerate(value) if isinstance(v, float) and not math.isfinite(v)]
