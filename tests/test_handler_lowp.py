@@ -26,7 +26,18 @@ OP_OF = {
     "mx": ops.mx_linear.default,
     "bitnet": ops.bitnet_linear.default,
 }
-TINY_LINEARS = 14  # 2 layers x (wq, wk, wv, wo, w1, w2, w3); model.output is skipped
+TINY_LINEARS = 14  # 2 layers x (wq, wk, wv, wo, w1, w2, w3); the head model.output is skipped
+FORMS = (
+    "linear",
+    "linear_bias",
+    "addmm",
+    "addmm_t",
+    "mm",
+    "mm_t",
+    "matmul",
+    "matmul_t",
+    "matmul_T",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,13 +75,16 @@ def test_every_eligible_linear_is_rewritten_and_output_skipped(name):
     handler = tg.get_handler(name)()
     report = tg.PassManager([handler]).run(gm)
     assert report.matches == {name: TINY_LINEARS}
-    assert report.rule_matches[name] == {"linear": TINY_LINEARS, "linear_bias": 0}
+    assert report.rule_matches[name] == {**dict.fromkeys(FORMS, 0), "linear": TINY_LINEARS}
     assert count(gm, OP_OF[name]) == TINY_LINEARS
     (left,) = gm.graph.find_nodes(op="call_function", target=aten.linear.default)
     assert left.args[1].target == "model.output.weight"
     (skipped,) = handler.skipped(gm)
     assert skipped.module_fqn == "model.output"
-    assert skipped.reason == "module 'model.output' is in skip_fqns (glob 'output')"
+    assert skipped.reason == (
+        "module 'model.output' produces the logits (the head stays in high precision; "
+        "set skip_head: false to convert it)"
+    )
     loss = gm(*batch(1))
     loss.backward()
     assert (
@@ -87,7 +101,7 @@ def test_float8_lists_ineligible_linears_with_reasons():
     assert report.matches == {"float8": 8}  # wq, wk, wv, wo per layer
     after = handler.skipped(gm)
     assert after == before
-    ineligible = {s.module_fqn: s.reason for s in after if "skip_fqns" not in s.reason}
+    ineligible = {s.module_fqn: s.reason for s in after if "logits" not in s.reason}
     assert set(ineligible) == {
         f"model.layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")
     }
@@ -109,7 +123,7 @@ def test_mx_requires_k_multiple_of_32():
     handler = tg.get_handler("mx")()
     report = tg.PassManager([handler]).run(gm)
     assert report.matches == {"mx": 12}
-    ineligible = [s for s in handler.skipped(gm) if "skip_fqns" not in s.reason]
+    ineligible = [s for s in handler.skipped(gm) if "logits" not in s.reason]
     assert [s.module_fqn for s in ineligible] == [
         "model.layers.0.feed_forward.w2",
         "model.layers.1.feed_forward.w2",
@@ -124,8 +138,12 @@ def test_linear_with_bias_uses_the_bias_rule():
     x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
     ref = model(x)
     gm = tg.capture(model, (x,))
-    report = tg.PassManager([{"float8": {"skip_fqns": []}}]).run(gm)
-    assert report.rule_matches["float8"] == {"linear": 1, "linear_bias": 1}
+    report = tg.PassManager([{"float8": {"skip_head": False}}]).run(gm)
+    assert report.rule_matches["float8"] == {
+        **dict.fromkeys(FORMS, 0),
+        "linear": 1,
+        "linear_bias": 1,
+    }
     biased = next(n for n in gm.graph.nodes if n.target == ops.float8_linear.default)
     assert biased.args[2].target == "0.bias"
     assert sqnr(gm(x), ref) > 20.0
@@ -148,7 +166,8 @@ def test_options_are_typed_and_validated():
     assert tg.get_handler("int8")().options.mode == "training"
     assert tg.get_handler("mx")().options.format == "mxfp8"
     for name in LOWP:
-        assert tg.get_handler(name)().options.skip_fqns == ["output"]
+        options = tg.get_handler(name)().options
+        assert options.skip_fqns == [] and options.skip_head is True
         assert issubclass(tg.get_handler(name), LinearHandler)
     with pytest.raises(OptionError, match="recipe"):
         tg.get_handler("float8")(recipe="blockwise")
@@ -192,7 +211,7 @@ def test_disjoint_skip_fqns_do_not_overlap():
     plan = [
         {"float8": {"skip_fqns": ["output", "feed_forward"]}},
         {"int8": {"skip_fqns": ["output", "attention"]}},
-        {"bitnet": {"skip_fqns": ["layers"]}},  # only model.output
+        {"bitnet": {"skip_fqns": ["layers"], "skip_head": False}},  # only model.output
     ]
     assert overlaps(plan, gm) == []
     report = tg.PassManager(plan).run(gm)
