@@ -38,6 +38,20 @@ class Skipped:
         return f"{self.module_fqn or self.node}: {self.reason}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ModuleFilter:
+    """Module FQN globs a handler filters on, so that ``check`` can report a glob that
+    matches no module of the graph (``unmatched_filter``)."""
+
+    name: str
+    """Where the globs are set: ``"skip_fqns"`` (an option), ``"rule 'relu' include="``."""
+    globs: tuple[str, ...]
+    sub_path: bool
+    """True: a glob matches a dotted sub-path of the FQN
+    (:func:`~torchgraft.ir.provenance.module_glob`); False: the whole FQN (``fnmatch``)."""
+    rule: str | None = None
+
+
 class Handler:
     """A conversion: rules plus typed options, ordering declarations and optimizer hooks.
 
@@ -127,6 +141,19 @@ class Handler:
         whole run with that message; the graph is rolled back.
         """
         return None
+
+    def module_filters(self) -> list[ModuleFilter]:
+        """The module FQN globs this handler filters on: its rules' ``include`` /
+        ``exclude``; handlers with a glob option (``skip_fqns``) add theirs."""
+        filters = []
+        for rule in self.rules():
+            for kind in ("include", "exclude"):
+                globs = getattr(rule, kind)
+                if globs:
+                    filters.append(
+                        ModuleFilter(f"rule '{rule.name}' {kind}=", globs, False, rule.name)
+                    )
+        return filters
 
     def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
         """Graph values the replacement needs beyond what the pattern bound.

@@ -50,7 +50,7 @@ import torch
 from torch import fx, nn
 
 import torchgraft.ops  # noqa: F401  (registers the torchgraft::*_linear ops)
-from torchgraft.handlers.base import Handler
+from torchgraft.handlers.base import Handler, ModuleFilter
 from torchgraft.ir.provenance import module_glob
 from torchgraft.ir.rule import Match, rule
 
@@ -252,6 +252,11 @@ class LinearHandler(Handler):
         """Why the format cannot take weight ``w`` (a fake tensor ``[N, K]``), or None.
         Default: every shape is supported."""
         return None
+
+    def module_filters(self) -> list[ModuleFilter]:
+        """The rules' globs and ``skip_fqns`` (checked by ``unmatched_filter``)."""
+        skip = ModuleFilter("skip_fqns", tuple(self.options.skip_fqns), True)
+        return [*super().module_filters(), *([skip] if skip.globs else [])]
 
     def reject(self, match: Match) -> str | None:
         """Skip modules matched by ``skip_fqns``, the projection producing the logits

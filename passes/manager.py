@@ -21,6 +21,7 @@ from torchgraft.passes.checks import (
     Observer,
     OrderCheck,
     find_overlaps,
+    find_unmatched_filters,
 )
 from torchgraft.passes.ordering import order_plan
 from torchgraft.passes.plan import HandlerEntry, HandlerSpec, build_plan, instantiate
@@ -127,7 +128,9 @@ class PassManager:
             report = self._apply(work, checks, verifier=verifier)
         except (RewriteError, OptionError) as exc:  # the plan fails on this graph
             return CheckResult(self.order, [error_problem(exc)])
-        problems = find_overlaps(gm.graph, self.ordering)
+        problems = find_overlaps(gm.graph, self.ordering) + find_unmatched_filters(
+            gm.graph, self.steps
+        )
         problems += [p for check in checks for p in check.problems] + verifier.problems
         return CheckResult(self.order, problems, report, op_histogram(work.graph))
 
