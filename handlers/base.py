@@ -155,13 +155,14 @@ class Handler:
                     )
         return filters
 
-    def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
-        """Graph values the replacement needs beyond what the pattern bound.
+    def extra_inputs(self, match: Match) -> dict[str, Any]:
+        """Graph values (or literals) the replacement needs beyond what the pattern bound.
 
         Called for each accepted match before its replacement is traced; each returned
-        node must be defined before the match (e.g. a graph input) and arrives in the
-        replacement as a keyword argument of that name (declare ``**inputs``). It is part
-        of the template cache key like any binding. Default: none.
+        node must be defined before the match (e.g. a graph input), a literal is a value
+        the handler computed from the match (e.g. a window size read off a mask); each
+        arrives in the replacement as a keyword argument of that name (declare
+        ``**inputs``). It is part of the template cache key like any binding. Default: none.
         """
         return {}
 
@@ -190,11 +191,14 @@ class Handler:
         After a run, these are exactly the matches the handler did not rewrite."""
         if type(self).reject is Handler.reject:  # accepts everything: nothing to look for
             return []
-        skipped = []
+        skipped, seen = [], set()
         for rule in self.rules():
             for match in find_matches(gm.graph, rule):  # without the handler: reject() not applied
+                if match.anchor in seen:  # two rules of this handler match it: listed once
+                    continue
                 reason = self.reject(match)
                 if reason:
+                    seen.add(match.anchor)
                     anchor = match.anchor
                     skipped.append(
                         Skipped(anchor.name, match.module_fqn, reason, user_source(anchor))

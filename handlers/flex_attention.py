@@ -1,9 +1,22 @@
 """``flex_attention``: causal ``scaled_dot_product_attention`` → ``torchgraft::flex_attention``.
 
-Rewrites every ``aten.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale,
-enable_gqa)`` (causal, no explicit mask, no dropout) into the FlexAttention op of
+Rewrites causal attention, as models write it, into the FlexAttention op of
 :mod:`torchgraft.ops.flex`, with a causal block mask or, with ``mask: document``, a causal
-mask restricted to each packed document::
+mask restricted to each packed document:
+
+* ``causal_sdpa``: ``aten.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale,
+  enable_gqa)`` (``is_causal=True``, no dropout);
+* ``masked_sdpa``: the same with an explicit mask tensor and ``is_causal=False``, as
+  ``transformers`` models export. The mask must be computed from shapes and constants
+  only; it is evaluated at rewrite time (:func:`~torchgraft.handlers.attention_masks.classify_mask`)
+  and converted when it is causal, or sliding-window causal (Mistral, Gemma2, Qwen2 with
+  ``sliding_window``: the op's ``window``). Masks that depend on data (padding), add a bias
+  or are not causal are listed by ``skipped`` with the reason;
+* ``*_gqa``: the same after ``transformers``' ``repeat_kv`` (``unsqueeze(kv, 2)`` →
+  ``expand`` along the new dim → ``reshape`` to ``H`` heads): the op gets the ``Hkv`` heads
+  with ``enable_gqa=True`` instead of the copies.
+
+Example::
 
     gm = tg.capture(build_llama("debug"), (tokens,))
     tg.PassManager([{"flex_attention": {"mask": "document", "eod_token": 0}}]).run(gm)
@@ -25,12 +38,13 @@ elimination of ``torch.compile`` merges).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import fx
 
 import torchgraft as tg
+from torchgraft.handlers.attention_masks import MaskKind, classify_mask
 from torchgraft.handlers.options import OptionError
 from torchgraft.ir.rule import Match
 from torchgraft.ops.flex import document_ids  # also registers torchgraft::flex_attention
@@ -39,6 +53,14 @@ aten = torch.ops.aten
 
 TOKENS = "tokens"
 """Name under which ``mask: document`` binds the token-id graph input in a match."""
+
+WINDOW = "window"
+"""Name under which the masked rules bind the sliding window (an int, or None) in a match."""
+
+
+def _repeated(kv, size, shape):
+    # transformers' repeat_kv: [B, Hkv, S, D] -> [B, Hkv * n_rep, S, D]
+    return aten.reshape.default(aten.expand.default(aten.unsqueeze.default(kv, 2), size), shape)
 
 
 @tg.register_handler("flex_attention")
@@ -71,8 +93,15 @@ class FlexAttention(tg.Handler):
                 raise ValueError("eod_token and tokens_input are only used by mask 'document'")
 
     def reject(self, match: Match) -> str | None:
-        if self.options.mask == "causal":
-            return None
+        reason = _gqa_failure(match) if match.rule.name.endswith("_gqa") else None
+        if reason is None and "mask" in match.bindings:
+            kind = classify_mask(match.node("mask"))
+            if isinstance(kind, str):
+                return kind
+            if kind.kind == "sliding_window" and self.options.mask == "document":
+                return f"mask 'document' with a sliding window ({kind.window}) is not supported"
+        if reason is not None or self.options.mask == "causal":
+            return reason
         q, k = match["q"], match["k"]
         if q.shape[2] != k.shape[2]:
             return f"document masking needs self-attention, got L={q.shape[2]}, S={k.shape[2]}"
@@ -85,10 +114,14 @@ class FlexAttention(tg.Handler):
             )
         return None
 
-    def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
-        if self.options.mask == "causal":
-            return {}
-        return {TOKENS: self._token_input(match.anchor.graph)}
+    def extra_inputs(self, match: Match) -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        if "mask" in match.bindings:
+            kind = classify_mask(match.node("mask"))
+            inputs[WINDOW] = kind.window if isinstance(kind, MaskKind) else None
+        if self.options.mask == "document":
+            inputs[TOKENS] = self._token_input(match.anchor.graph)
+        return inputs
 
     def _token_input(self, graph: fx.Graph) -> fx.Node:
         inputs = [n for n in graph.find_nodes(op="placeholder") if _is_integer(n)]
@@ -116,6 +149,43 @@ class FlexAttention(tg.Handler):
             )
         return found[0]
 
+    # The repeat_kv forms first: they claim the attention before the plain rules would
+    # match it with the copied heads.
+    @tg.rule
+    def causal_sdpa_gqa(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks, kshape, vs, vshape, scale, gqa
+    ):
+        # sdpa(q, repeat_kv(k), repeat_kv(v), is_causal=True)  =>  flex(q, k, v, enable_gqa)
+        return aten.scaled_dot_product_attention.default(
+            q, _repeated(k, ks, kshape), _repeated(v, vs, vshape), None, 0.0, True, scale, gqa
+        )
+
+    @causal_sdpa_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, scale, gqa, **inputs):
+        return self.flex(q, k, v, scale, True, inputs)
+
+    @tg.rule
+    def masked_sdpa_gqa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ks,
+        kshape,
+        vs,
+        vshape,
+        mask: torch.Tensor,
+        scale,
+        gqa,
+    ):
+        # sdpa(q, repeat_kv(k), repeat_kv(v), causal_mask)  =>  flex(q, k, v, enable_gqa)
+        return aten.scaled_dot_product_attention.default(
+            q, _repeated(k, ks, kshape), _repeated(v, vs, vshape), mask, 0.0, False, scale, gqa
+        )
+
+    @masked_sdpa_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, mask, scale, gqa, **inputs):
+        return self.flex(q, k, v, scale, True, inputs)
+
     @tg.rule
     def causal_sdpa(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, enable_gqa: bool
@@ -127,10 +197,51 @@ class FlexAttention(tg.Handler):
 
     @causal_sdpa.replacement
     def _(self, q, k, v, scale, enable_gqa, **inputs):
+        return self.flex(q, k, v, scale, enable_gqa, inputs)
+
+    @tg.rule
+    def masked_sdpa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float | None,
+        enable_gqa: bool,
+    ):
+        # sdpa(q, k, v, causal_mask)  =>  torchgraft.flex_attention(q, k, v, window=...)
+        return aten.scaled_dot_product_attention.default(
+            q, k, v, mask, 0.0, False, scale, enable_gqa
+        )
+
+    @masked_sdpa.replacement
+    def _(self, q, k, v, mask, scale, enable_gqa, **inputs):
+        return self.flex(q, k, v, scale, enable_gqa, inputs)
+
+    def flex(self, q, k, v, scale, enable_gqa, inputs: dict[str, Any]):
+        """The replacement every rule shares: the op with this handler's mask."""
         doc_ids = None
         if self.options.mask == "document":
             doc_ids = document_ids(inputs[TOKENS], self.options.eod_token)
-        return torch.ops.torchgraft.flex_attention.default(q, k, v, doc_ids, scale, enable_gqa)
+        return torch.ops.torchgraft.flex_attention.default(
+            q, k, v, doc_ids, scale, enable_gqa, inputs.get(WINDOW)
+        )
+
+
+def _gqa_failure(match: Match) -> str | None:
+    """Why the ``unsqueeze → expand → reshape`` before the attention is not ``repeat_kv``
+    (copies of each kv head next to each other), or None."""
+    for name in ("k", "v"):
+        reshape = match.anchor.args[1 if name == "k" else 2]
+        expand = reshape.args[0]
+        kv, rep, out = (n.meta["val"].shape for n in (match.node(name), expand, reshape))
+        heads, n_rep = kv[1], rep[2]
+        same = tuple(rep) == (kv[0], heads, n_rep, *kv[2:])
+        if not same or tuple(out) != (kv[0], heads * n_rep, *kv[2:]):
+            return (
+                f"{name} is expanded {list(kv)} -> {list(rep)} -> {list(out)}, which is not "
+                "repeat_kv (each kv head repeated next to itself)"
+            )
+    return None
 
 
 def _is_integer(node: fx.Node) -> bool:
