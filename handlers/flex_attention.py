@@ -12,6 +12,11 @@ mask restricted to each packed document:
   and converted when it is causal, or sliding-window causal (Mistral, Gemma2, Qwen2 with
   ``sliding_window``: the op's ``window``). Masks that depend on data (padding), add a bias
   or are not causal are listed by ``skipped`` with the reason;
+* ``eager_attention`` / ``softcapped_attention``: attention written out,
+  ``matmul(softmax(q kᵀ · scale [soft-capped] + mask), v)`` (``transformers``' eager
+  attention, the only one Gemma2 has), with a mask as above; soft-capping
+  ``c · tanh(s / c)`` becomes the op's ``softcap`` (flex's ``score_mod``). Dropout in the
+  attention (``p > 0`` while training) is listed by ``skipped``;
 * ``*_gqa``: the same after ``transformers``' ``repeat_kv`` (``unsqueeze(kv, 2)`` →
   ``expand`` along the new dim → ``reshape`` to ``H`` heads): the op gets the ``Hkv`` heads
   with ``enable_gqa=True`` instead of the copies.
@@ -63,6 +68,22 @@ def _repeated(kv, size, shape):
     return aten.reshape.default(aten.expand.default(aten.unsqueeze.default(kv, 2), size), shape)
 
 
+def _scores(q, k, scale):
+    # q kᵀ · scale, as eager attention writes it
+    return aten.mul.Tensor(aten.matmul.default(q, aten.transpose.int(k, 2, 3)), scale)
+
+
+def _capped(scores, cap):
+    # soft-capping: cap * tanh(scores / cap)
+    return aten.mul.Tensor(aten.tanh.default(aten.div.Tensor(scores, cap)), cap)
+
+
+def _attend(scores, mask, v, softmax_dtype, dtype, p, train):
+    # matmul(dropout(softmax(scores + mask).to(dtype)), v)
+    probs = aten.softmax.int(aten.add.Tensor(scores, mask), -1, softmax_dtype)
+    return aten.matmul.default(aten.dropout.default(aten.to.dtype(probs, dtype), p, train), v)
+
+
 @tg.register_handler("flex_attention")
 class FlexAttention(tg.Handler):
     """Causal SDPA → FlexAttention with a causal or document block mask.
@@ -94,6 +115,11 @@ class FlexAttention(tg.Handler):
 
     def reject(self, match: Match) -> str | None:
         reason = _gqa_failure(match) if match.rule.name.endswith("_gqa") else None
+        if reason is None and match.bindings.get("train") and match["p"] != 0:
+            reason = (
+                f"attention dropout p={match['p']} while training: flex_attention has none; "
+                "set the model's attention dropout to 0 (e.g. attention_dropout=0.0)"
+            )
         if reason is None and "mask" in match.bindings:
             kind = classify_mask(match.node("mask"))
             if isinstance(kind, str):
@@ -217,22 +243,84 @@ class FlexAttention(tg.Handler):
     def _(self, q, k, v, mask, scale, enable_gqa, **inputs):
         return self.flex(q, k, v, scale, enable_gqa, inputs)
 
-    def flex(self, q, k, v, scale, enable_gqa, inputs: dict[str, Any]):
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def eager_attention_gqa(
+        q, k, v, ks, kshape, vs, vshape, scale: float, mask: torch.Tensor, sd, dt, p, train
+    ):
+        # softmax(q repeat_kv(k)ᵀ·scale + mask) repeat_kv(v)  =>  flex(q, k, v, enable_gqa)
+        scores = _scores(q, _repeated(k, ks, kshape), scale)
+        return _attend(scores, mask, _repeated(v, vs, vshape), sd, dt, p, train)
+
+    @eager_attention_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, scale, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, True, inputs)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def softcapped_attention_gqa(
+        q,
+        k,
+        v,
+        ks,
+        kshape,
+        vs,
+        vshape,
+        scale: float,
+        cap: float,
+        mask: torch.Tensor,
+        sd,
+        dt,
+        p,
+        train,
+    ):
+        # softmax(cap·tanh(q repeat_kv(k)ᵀ·scale / cap) + mask) repeat_kv(v)  =>  flex(softcap)
+        scores = _capped(_scores(q, _repeated(k, ks, kshape), scale), cap)
+        return _attend(scores, mask, _repeated(v, vs, vshape), sd, dt, p, train)
+
+    @softcapped_attention_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, scale, cap, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, True, inputs, cap)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def eager_attention(q, k, v, scale: float, mask: torch.Tensor, sd, dt, p, train):
+        # softmax(q kᵀ·scale + mask) v  =>  torchgraft.flex_attention(q, k, v)
+        return _attend(_scores(q, k, scale), mask, v, sd, dt, p, train)
+
+    @eager_attention.replacement
+    def _(self, q, k, v, scale, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, False, inputs)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def softcapped_attention(
+        q, k, v, scale: float, cap: float, mask: torch.Tensor, sd, dt, p, train
+    ):
+        # softmax(cap·tanh(q kᵀ·scale / cap) + mask) v  =>  flex_attention(..., softcap=cap)
+        return _attend(_capped(_scores(q, k, scale), cap), mask, v, sd, dt, p, train)
+
+    @softcapped_attention.replacement
+    def _(self, q, k, v, scale, cap, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, False, inputs, cap)
+
+    def flex(self, q, k, v, scale, enable_gqa, inputs: dict[str, Any], softcap=None):
         """The replacement every rule shares: the op with this handler's mask."""
         doc_ids = None
         if self.options.mask == "document":
             doc_ids = document_ids(inputs[TOKENS], self.options.eod_token)
         return torch.ops.torchgraft.flex_attention.default(
-            q, k, v, doc_ids, scale, enable_gqa, inputs.get(WINDOW)
+            q, k, v, doc_ids, scale, enable_gqa, inputs.get(WINDOW), softcap
         )
 
 
 def _gqa_failure(match: Match) -> str | None:
     """Why the ``unsqueeze → expand → reshape`` before the attention is not ``repeat_kv``
     (copies of each kv head next to each other), or None."""
+    matched = set(match.nodes.values())
+
+    def user(node: fx.Node) -> fx.Node:
+        return next(u for u in node.users if u in matched)
+
     for name in ("k", "v"):
-        reshape = match.anchor.args[1 if name == "k" else 2]
-        expand = reshape.args[0]
+        expand = user(user(match.node(name)))
+        reshape = user(expand)
         kv, rep, out = (n.meta["val"].shape for n in (match.node(name), expand, reshape))
         heads, n_rep = kv[1], rep[2]
         same = tuple(rep) == (kv[0], heads, n_rep, *kv[2:])

@@ -1,8 +1,10 @@
 """``torchgraft::flex_attention``: causal (optionally sliding-window or document-masked)
 attention through ``torch.nn.attention.flex_attention``.
 
-``flex_attention(q, k, v, doc_ids, scale=None, enable_gqa=False, window=None) -> out``
-computes ``softmax(q kᵀ · scale + mask) v`` per head, where the mask lets query ``i`` see
+``flex_attention(q, k, v, doc_ids, scale=None, enable_gqa=False, window=None, softcap=None)``
+computes ``softmax(cap(q kᵀ · scale) + mask) v`` per head, where ``cap(s) = softcap ·
+tanh(s / softcap)`` when ``softcap`` is given (Gemma2's logit soft-capping, flex's
+``score_mod``) and the identity otherwise, and the mask lets query ``i`` see
 key ``j`` when ``j <= i`` (causal, top-left aligned as in
 ``scaled_dot_product_attention(is_causal=True)``), if ``window`` is given only when
 ``i - j < window`` (sliding-window causal, as Mistral and Gemma2 layers use), and, if
@@ -55,6 +57,7 @@ __all__ = [
     "flex_attention",
     "flex_attention_backward",
     "sliding_window_mask",
+    "softcap_score",
 ]
 
 aten = torch.ops.aten
@@ -83,6 +86,17 @@ def sliding_window_mask(window: int) -> MaskMod:
         return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
     return mask_mod
+
+
+@functools.cache
+def softcap_score(softcap: float) -> Callable:
+    """``score_mod`` of logit soft-capping, ``softcap · tanh(score / softcap)``; cached per
+    value, so that one compiled kernel serves every layer."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
 
 
 def document_mask(doc_ids: torch.Tensor) -> MaskMod:
@@ -180,6 +194,7 @@ def _check_args(
     doc_ids: torch.Tensor | None,
     gqa: bool,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -197,6 +212,8 @@ def _check_args(
             f"flex_attention: q has {heads} heads and k, v {kv_heads}; set enable_gqa=True "
             "with a number of query heads that is a multiple of the kv heads"
         )
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"flex_attention: softcap must be > 0, got {softcap}")
     if window is not None and (window < 1 or doc_ids is not None):
         raise ValueError(
             f"flex_attention: window must be >= 1 and cannot be combined with doc_ids, got "
@@ -227,10 +244,11 @@ def flex_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention, within documents when ``doc_ids`` is given, over the last
-    ``window`` keys when ``window`` is given."""
-    _check_args(q, k, v, doc_ids, enable_gqa, window)
+    ``window`` keys when ``window`` is given, with soft-capped scores when ``softcap`` is."""
+    _check_args(q, k, v, doc_ids, enable_gqa, window, softcap)
     block_mask = _mask_for(doc_ids, q.shape[2], k.shape[2], q.device, window)
     # The op's own autograd formula differentiates it, so flex sees plain tensors. The scale
     # is made explicit and GQA always on (a no-op when H == Hkv) so that one compiled kernel
@@ -240,6 +258,7 @@ def flex_attention(
         k.detach(),
         v.detach(),
         block_mask=block_mask,
+        score_mod=None if softcap is None else softcap_score(softcap),
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         enable_gqa=True,
     )
@@ -247,8 +266,8 @@ def flex_attention(
 
 
 @flex_attention.register_fake
-def _(q, k, v, doc_ids, scale=None, enable_gqa=False, window=None):
-    _check_args(q, k, v, doc_ids, enable_gqa, window)
+def _(q, k, v, doc_ids, scale=None, enable_gqa=False, window=None, softcap=None):
+    _check_args(q, k, v, doc_ids, enable_gqa, window, softcap)
     return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
@@ -262,12 +281,15 @@ def flex_attention_backward(
     scale: float | None = None,
     enable_gqa: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`flex_attention` given the gradient of its output.
 
     Per block of query rows, in float32: ``P = softmax(q kᵀ·scale)`` over the allowed keys
     (0 elsewhere), ``dP = dO vᵀ``, ``dS = P ∘ (dP − rowsum(P ∘ dP))``; ``dq = dS k·scale``,
-    ``dk += dSᵀ q·scale``, ``dv += Pᵀ dO``.
+    ``dk += dSᵀ q·scale``, ``dv += Pᵀ dO``. With ``softcap``, ``P`` is the softmax of the
+    capped scores ``c · tanh(s / c)`` and ``dS`` is multiplied by their derivative
+    ``1 − tanh²(s / c)``.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -291,12 +313,18 @@ def flex_attention_backward(
         q_c = q[:, :, start:stop].float() * scale
         do_c = grad_out[:, :, start:stop].float()
         k_c, v_c = k32[:, :, keys], v32[:, :, keys]
-        scores = (q_c @ k_c.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+        scores = q_c @ k_c.transpose(-1, -2)
+        if softcap is not None:
+            capped = torch.tanh(scores / softcap)
+            scores = capped * softcap
+        scores.masked_fill_(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         dv32[:, :, keys] += probs.transpose(-1, -2) @ do_c
         dscores = do_c @ v_c.transpose(-1, -2)  # dP, then dS = P * (dP - rowsum(P * dP))
         delta = (probs * dscores).sum(-1, keepdim=True)
         dscores.sub_(delta).mul_(probs)
+        if softcap is not None:
+            dscores.mul_(1 - capped * capped)
         dq[:, :, start:stop] = (dscores @ k_c) * scale
         dk32[:, :, keys] += dscores.transpose(-1, -2) @ q_c
     if group > 1:
@@ -306,22 +334,22 @@ def flex_attention_backward(
 
 
 @flex_attention_backward.register_fake
-def _(grad_out, q, k, v, doc_ids, scale=None, enable_gqa=False, window=None):
+def _(grad_out, q, k, v, doc_ids, scale=None, enable_gqa=False, window=None, softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, doc_ids, scale, enable_gqa, window = inputs
+    q, k, v, doc_ids, scale, enable_gqa, window, softcap = inputs
     ctx.save_for_backward(q, k, v, doc_ids)
-    ctx.scale, ctx.enable_gqa, ctx.window = scale, enable_gqa, window
+    ctx.scale, ctx.enable_gqa, ctx.window, ctx.softcap = scale, enable_gqa, window, softcap
 
 
 def _backward(ctx, grad_out: torch.Tensor):
     q, k, v, doc_ids = ctx.saved_tensors
     dq, dk, dv = torch.ops.torchgraft.flex_attention_backward(
-        grad_out, q, k, v, doc_ids, ctx.scale, ctx.enable_gqa, ctx.window
+        grad_out, q, k, v, doc_ids, ctx.scale, ctx.enable_gqa, ctx.window, ctx.softcap
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 flex_attention.register_autograd(_backward, setup_context=_setup_context)
