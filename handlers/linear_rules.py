@@ -266,9 +266,14 @@ class LinearHandler(Handler):
         if glob is not None:
             return f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
         if self.options.skip_head and produces_logits(match.anchor):
+            what = (
+                f"module '{match.module_fqn}'"
+                if match.module_fqn
+                else f"node '{match.anchor.name}'"
+            )
             return (
-                f"module '{match.module_fqn or match.anchor.name}' produces the logits (the "
-                "head stays in high precision; set skip_head: false to convert it)"
+                f"{what} produces the logits (the head stays in high precision; set "
+                "skip_head: false to convert it)"
             )
         w = match["w"]
         if w.ndim != 2:

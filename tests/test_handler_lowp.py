@@ -240,3 +240,147 @@ def test_state_dict_unchanged_and_unconverted_checkpoint_loads(name, tmp_path):
         assert torch.equal(params[key], p), key
     loss = gm(*batch(2))
     assert torch.isfinite(loss)
+
+
+class EveryForm(torch.nn.Module):
+    """A linear layer in each form models write it, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+
+        def param(*shape):
+            return torch.nn.Parameter(torch.randn(*shape, generator=gen) / shape[0] ** 0.5)
+
+        self.conv1d_w, self.conv1d_b = param(32, 64), param(64)  # GPT-2 Conv1D: [in, out]
+        self.mm_w = param(64, 64)  # x2d @ w
+        self.mat_w = param(64, 32)  # x @ w, [in, out]
+        self.mat_t = param(32, 32)  # x @ w.t(), [out, in]
+        self.mat_T = param(64, 32)  # x @ w.T, [out, in]
+        self.head = torch.nn.Linear(64, 16)
+
+    as_linear = False
+    """Compute the same layers with ``F.linear`` on ``[out, in]`` weights instead."""
+
+    def forward(self, x):
+        if self.as_linear:
+            linear = torch.nn.functional.linear
+            h = linear(x, self.conv1d_w.t(), self.conv1d_b)
+            h = linear(linear(h, self.mm_w.t()), self.mat_w.t()).relu()
+            return self.head(linear(linear(h, self.mat_t), self.mat_T))
+        b, t, k = x.shape
+        h = torch.addmm(self.conv1d_b, x.view(-1, k), self.conv1d_w)
+        h = torch.mm(h, self.mm_w).view(b, t, -1)
+        h = (h @ self.mat_w).relu()
+        h = h @ self.mat_t.t()
+        h = h @ self.mat_T.T
+        return self.head(h)
+
+
+@pytest.mark.parametrize("name", LOWP)
+def test_every_linear_form_is_converted_and_gradients_reach_the_weights(name):
+    """Regression (issue 11): GPT-2's Conv1D (``addmm`` with a ``[in, out]`` weight) matched
+    no rule; ``mm`` and ``matmul`` with a parameter neither."""
+    model = EveryForm()
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+    ref = model(x)
+    gm = tg.capture(model, (x,))
+    report = tg.PassManager([name]).run(gm)
+    expected = {"addmm": 1, "mm": 1, "matmul": 1, "matmul_t": 1, "matmul_T": 1}
+    assert report.rule_matches[name] == {**dict.fromkeys(FORMS, 0), **expected}
+    assert [s.module_fqn for s in report.skipped[name]] == ["head"]
+    assert sqnr(gm(x), ref) > tg.get_handler(name)().sqnr_tolerance
+    # Each form gives what nn.Linear layers on the [out, in] weights give under the same
+    # handler, gradients included: they reach the parameters through the transpose.
+    model.as_linear = True
+    linear_gm = tg.capture(model, (x,))
+    assert tg.PassManager([name]).run(linear_gm).matches == {name: 5}
+    params = list(model.parameters())
+    out, linear_out = gm(x), linear_gm(x)
+    torch.testing.assert_close(out, linear_out)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    for grad, linear_grad in zip(grads, torch.autograd.grad(linear_out.square().sum(), params)):
+        torch.testing.assert_close(grad, linear_grad)
+
+
+def test_in_out_weights_are_judged_as_out_in():
+    """float8's shape rule sees ``[out, in]``: a Conv1D weight ``[in=32, out=24]`` fails
+    on out_features 24, quoted as ``[24, 32]``."""
+
+    class Conv1D(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.b = (
+                torch.nn.Parameter(torch.randn(32, 24)),
+                torch.nn.Parameter(torch.zeros(24)),
+            )
+
+        def forward(self, x):
+            return torch.addmm(self.b, x, self.w).relu() + 1
+
+    gm = tg.capture(Conv1D(), (torch.randn(4, 32),))
+    (skipped,) = tg.get_handler("float8")().skipped(gm)
+    assert "weight is [24, 32]" in skipped.reason
+
+
+def test_activation_products_are_not_linear_layers():
+    class Scores(torch.nn.Module):
+        def forward(self, q, k):
+            return torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
+
+    gm = tg.capture(Scores(), (torch.randn(2, 8, 16), torch.randn(2, 8, 16)))
+    handler = tg.get_handler("int8")()
+    assert handler.skipped(gm) == []  # not a layer: not "skipped" either
+    assert [p.kind for p in tg.PassManager([handler]).check(gm)] == ["no_match"]
+
+
+def test_the_head_is_found_by_structure_whatever_its_name():
+    """Regression (issue 11): the default ``skip_fqns: ["output"]`` converted HF's
+    ``lm_head`` and skipped BERT's ``attention.output.dense``. The head is what produces
+    the logits: returned, or fed to the loss through reshapes, casts and soft-capping."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.output = torch.nn.Linear(32, 32)  # named like a head, but is not one
+            self.out = torch.nn.Linear(32, 16)
+
+        def forward(self, x, labels):
+            logits = torch.tanh(self.out(self.output(x).relu()) / 30.0) * 30.0
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    x, labels = torch.randn(2, 4, 32), torch.randint(0, 16, (2, 4))
+    gm = tg.capture(Net(), (x, labels))
+    report = tg.PassManager(["float8"]).run(gm)
+    assert report.matches == {"float8": 1}
+    (head,) = report.skipped["float8"]
+    assert head.module_fqn == "out" and "produces the logits" in head.reason
+    gm = tg.capture(Net(), (x, labels))
+    assert tg.PassManager([{"float8": {"skip_head": False}}]).run(gm).matches == {"float8": 2}
+
+
+def test_a_glob_matching_no_module_is_an_unmatched_filter():
+    """Regression (issue 11): ``skip_fqns: [output]`` on a model whose head is ``out``
+    matched nothing, silently."""
+    gm = tiny_gm()
+    problems = tg.PassManager([{"int8": {"skip_fqns": ["outptu", "attention"]}}]).check(gm)
+    (problem,) = problems
+    assert problem.kind == "unmatched_filter" and problem.handlers == ("int8",)
+    assert "skip_fqns glob 'outptu' matches no module" in problem.message
+    assert "did you mean 'output'" in problem.message
+
+
+def test_a_rule_glob_matching_no_module_is_an_unmatched_filter():
+    class Narrow(tg.Handler):
+        @tg.rule(include=["layers.*.feed_forwrd.*"])
+        def relu(x):
+            return aten.silu.default(x)
+
+        @relu.replacement
+        def _(x):
+            return aten.mul.Tensor(x, aten.sigmoid.default(x))
+
+    problems = tg.PassManager([Narrow]).check(tiny_gm())
+    unmatched = [p for p in problems if p.kind == "unmatched_filter"]
+    assert len(unmatched) == 1 and unmatched[0].rule == "relu"
+    assert "rule 'relu' include= glob 'layers.*.feed_forwrd.*'" in unmatched[0].message
