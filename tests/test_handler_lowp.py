@@ -384,3 +384,21 @@ def test_a_rule_glob_matching_no_module_is_an_unmatched_filter():
     unmatched = [p for p in problems if p.kind == "unmatched_filter"]
     assert len(unmatched) == 1 and unmatched[0].rule == "relu"
     assert "rule 'relu' include= glob 'layers.*.feed_forwrd.*'" in unmatched[0].message
+
+
+def test_check_exits_1_on_an_unmatched_filter(tmp_path, capsys):
+    import json
+
+    from torchgraft.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        'model:\n  factory: "torchgraft.models:build_llama"\n  kwargs: {preset: tiny}\n'
+        "  inputs:\n    - {shape: [2, 16], dtype: int64, high: 256}\n"
+        "handlers:\n  - int8: {skip_fqns: [out]}\n"
+    )
+    assert main(["check", str(config), "--json"]) == 1
+    (problem,) = json.loads(capsys.readouterr().out)["problems"]
+    assert problem["kind"] == "unmatched_filter"
+    assert "did you mean 'output'" in problem["message"]
+    assert problem["source"].startswith(str(config))  # the config line of the handler
