@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -37,8 +38,20 @@ class MaskKind:
     """``sliding_window``: query ``i`` sees keys ``i - window < j <= i``."""
 
 
+_CLASSIFIED: weakref.WeakKeyDictionary[fx.Node, MaskKind | str] = weakref.WeakKeyDictionary()
+"""Kinds already computed: every layer of a model usually shares one mask node, and the
+handler's filter, its extra inputs and ``skipped`` all ask (an evaluation of a
+``[2, 1, 1024, 1024]`` mask costs ~0.25 s)."""
+
+
 def classify_mask(mask: fx.Node) -> MaskKind | str:
     """The kind of the attention mask computed by ``mask``, or why it is none of them."""
+    if mask not in _CLASSIFIED:
+        _CLASSIFIED[mask] = _classify(mask)
+    return _CLASSIFIED[mask]
+
+
+def _classify(mask: fx.Node) -> MaskKind | str:
     order, inputs = _subgraph(mask)
     if inputs:
         node = inputs[0]
