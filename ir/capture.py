@@ -128,7 +128,12 @@ def _drop_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, fixed: dict) -> 
     that it is called with ``args`` / ``kwargs`` alone (export specializes constants: their
     placeholders have no users)."""
     for node in list(gm.graph.find_nodes(op="placeholder")):
-        if node.target in fixed and not node.users:
+        if node.target in fixed:
+            if node.users:  # a constant export did not specialize: keep the model as it is
+                raise CaptureError(
+                    f"torch.export kept {node.target}={fixed[node.target]!r} as a graph input; "
+                    f"pass it explicitly: tg.capture(model, args, {{{node.target!r}: ...}})"
+                )
             gm.graph.erase_node(node)
     info = gm.graph._codegen.pytree_info
     in_spec = pytree.tree_structure((args, kwargs))
@@ -164,7 +169,7 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     return gm
 
 
-def _capture_error(model: nn.Module, tool: str, exc: Exception, other: str) -> CaptureError:
+def _capture_error(model: nn.Module, tool: str, exc: Exception, hint: str) -> CaptureError:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if is_user_file(f.filename)]
     if frames:
         frame = frames[-1]
@@ -175,7 +180,7 @@ def _capture_error(model: nn.Module, tool: str, exc: Exception, other: str) -> C
     message = f"{tool} could not capture {type(model).__name__}: {type(exc).__name__}: {headline}"
     if where:
         message += f"\n  failing source line: {where}"
-    message += f"\n  hint: {other}"
+    message += f"\n  hint: {hint}"
     return CaptureError(message)
 
 
