@@ -86,7 +86,8 @@ def _attend(scores, mask, v, softmax_dtype, dtype, p, train):
 
 @tg.register_handler("flex_attention")
 class FlexAttention(tg.Handler):
-    """Causal SDPA → FlexAttention with a causal or document block mask.
+    """Causal attention (SDPA or eager) → FlexAttention with a causal, sliding-window or
+    document block mask.
 
     Exact: same outputs and gradients as SDPA up to float rounding. The op's forward runs
     ``torch.compile(flex_attention)`` (flex's fused kernel, also on CPU; compiled once per
@@ -114,20 +115,17 @@ class FlexAttention(tg.Handler):
                 raise ValueError("eod_token and tokens_input are only used by mask 'document'")
 
     def reject(self, match: Match) -> str | None:
-        reason = _gqa_failure(match) if match.rule.name.endswith("_gqa") else None
-        if reason is None and match.bindings.get("train") and match["p"] != 0:
-            reason = (
-                f"attention dropout p={match['p']} while training: flex_attention has none; "
-                "set the model's attention dropout to 0 (e.g. attention_dropout=0.0)"
-            )
-        if reason is None and "mask" in match.bindings:
-            kind = classify_mask(match.node("mask"))
-            if isinstance(kind, str):
-                return kind
-            if kind.kind == "sliding_window" and self.options.mask == "document":
-                return f"mask 'document' with a sliding window ({kind.window}) is not supported"
-        if reason is not None or self.options.mask == "causal":
-            return reason
+        """Why this attention cannot become flex (repeat_kv, dropout, mask, then what
+        ``mask: document`` needs), or None."""
+        reason = _attention_failure(match)
+        if reason is None and self.options.mask == "document":
+            reason = self._document_failure(match)
+        return reason
+
+    def _document_failure(self, match: Match) -> str | None:
+        kind = classify_mask(match.node("mask")) if "mask" in match.bindings else None
+        if isinstance(kind, MaskKind) and kind.kind == "sliding_window":
+            return f"mask 'document' with a sliding window ({kind.window}) is not supported"
         q, k = match["q"], match["k"]
         if q.shape[2] != k.shape[2]:
             return f"document masking needs self-attention, got L={q.shape[2]}, S={k.shape[2]}"
@@ -308,6 +306,25 @@ class FlexAttention(tg.Handler):
         return torch.ops.torchgraft.flex_attention.default(
             q, k, v, doc_ids, scale, enable_gqa, inputs.get(WINDOW), softcap
         )
+
+
+def _attention_failure(match: Match) -> str | None:
+    """Why a structural match is not attention flex computes: ``repeat_kv`` that is not,
+    attention dropout, a mask that is neither causal nor sliding-window causal."""
+    if match.rule.name.endswith("_gqa"):
+        reason = _gqa_failure(match)
+        if reason is not None:
+            return reason
+    if match.bindings.get("train") and match["p"] != 0:
+        return (
+            f"attention dropout p={match['p']} while training: flex_attention has none; "
+            "set the model's attention dropout to 0 (e.g. attention_dropout=0.0)"
+        )
+    if "mask" in match.bindings:
+        kind = classify_mask(match.node("mask"))
+        if isinstance(kind, str):
+            return kind
+    return None
 
 
 def _gqa_failure(match: Match) -> str | None:
