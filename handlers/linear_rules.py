@@ -132,8 +132,9 @@ def produces_logits(node: fx.Node) -> bool:
 
 
 def parameter_weight(match: Match) -> bool:
-    """``where`` filter of the matmul-style forms: ``w`` is a 2-D ``nn.Parameter`` (a layer's
-    weight, not an activation) and ``x`` has at least 2 dims."""
+    """``where`` filter of the matmul-style forms: ``w`` is an ``nn.Parameter`` (a layer's
+    weight, not an activation) and ``x`` has at least 2 dims. A parameter that is not 2-D
+    (stacked expert weights) is a layer the handler skips, with the reason."""
     w = match.node("w")
     root = w.graph.owning_module
     if w.op != "get_attr" or root is None:
@@ -143,7 +144,7 @@ def parameter_weight(match: Match) -> bool:
     except AttributeError:
         return False
     x = match["x"]
-    return isinstance(value, nn.Parameter) and value.ndim == 2 and getattr(x, "ndim", 0) >= 2
+    return isinstance(value, nn.Parameter) and getattr(x, "ndim", 0) >= 2
 
 
 _IN_OUT = frozenset({"addmm", "mm", "matmul"})
@@ -279,5 +280,5 @@ class LinearHandler(Handler):
         if w.ndim != 2:
             return f"weight is {w.ndim}-D, expected [N, K]"
         if match.rule.name in _IN_OUT:
-            w = w.t()  # stored [in, out]: the op gets [N, K]
+            w = w.mT  # stored [in, out]: the op gets [N, K]
         return self.shape_failure(w)

@@ -323,6 +323,20 @@ def test_in_out_weights_are_judged_as_out_in():
     assert "weight is [24, 32]" in skipped.reason
 
 
+def test_a_weight_that_is_not_2d_is_skipped_with_the_reason():
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 16, 16))  # stacked expert weights
+
+        def forward(self, x):
+            return torch.matmul(x, self.w).relu()
+
+    gm = tg.capture(Experts(), (torch.randn(4, 8, 16),))
+    (skipped,) = tg.get_handler("int8")().skipped(gm)
+    assert skipped.reason == "weight is 3-D, expected [N, K]"
+
+
 def test_activation_products_are_not_linear_layers():
     class Scores(torch.nn.Module):
         def forward(self, q, k):

@@ -162,6 +162,8 @@ def _linear_layers(model: nn.Module) -> int:
 @pytest.mark.parametrize("handler", LINEAR_HANDLERS)
 @pytest.mark.parametrize("arch", list(LLMS))
 def test_linear_handlers_convert_every_linear_but_the_head(zoo, arch, handler):
+    """Regression (issue 11): float8 / int8 converted 1 of GPT-2's 9 GEMMs (``Conv1D`` is
+    ``addmm``), and the default ``skip_fqns: [output]`` converted every ``lm_head``."""
     captured = zoo.llm(arch)
     gm = captured.copy()
     report = tg.PassManager([handler]).run(gm)
@@ -204,6 +206,8 @@ eager attention (no SDPA), soft-capped, with sliding and global layers alternati
 
 @pytest.mark.parametrize("arch", list(FLEX_EXPECTED))
 def test_flex_attention_converts_the_attention(zoo, arch):
+    """Regression (issue 11): 0 matches on every HF model (an explicit mask tensor, not
+    ``is_causal=True``; Gemma2's eager, soft-capped attention)."""
     gm = zoo.llm(arch).copy()
     report = tg.PassManager(["flex_attention"]).run(gm)
     rule, windows, softcap = FLEX_EXPECTED[arch]
