@@ -191,19 +191,19 @@ class Handler:
         After a run, these are exactly the matches the handler did not rewrite."""
         if type(self).reject is Handler.reject:  # accepts everything: nothing to look for
             return []
-        skipped, seen = [], set()
+        skipped: dict[fx.Node, Skipped] = {}
+        accepted: set[fx.Node] = set()  # another rule of this handler takes it
         for rule in self.rules():
             for match in find_matches(gm.graph, rule):  # without the handler: reject() not applied
-                if match.anchor in seen:  # two rules of this handler match it: listed once
-                    continue
+                anchor = match.anchor
                 reason = self.reject(match)
-                if reason:
-                    seen.add(match.anchor)
-                    anchor = match.anchor
-                    skipped.append(
-                        Skipped(anchor.name, match.module_fqn, reason, user_source(anchor))
+                if not reason:
+                    accepted.add(anchor)
+                elif anchor not in skipped:  # two rules match it: the first reason is listed
+                    skipped[anchor] = Skipped(
+                        anchor.name, match.module_fqn, reason, user_source(anchor)
                     )
-        return skipped
+        return [s for anchor, s in skipped.items() if anchor not in accepted]
 
     def convert(self, model: nn.Module) -> nn.Module:
         """Rewrite a captured graph module in place with this handler and return it."""
