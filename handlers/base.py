@@ -38,6 +38,20 @@ class Skipped:
         return f"{self.module_fqn or self.node}: {self.reason}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ModuleFilter:
+    """Module FQN globs a handler filters on, so that ``check`` can report a glob that
+    matches no module of the graph (``unmatched_filter``)."""
+
+    name: str
+    """Where the globs are set: ``"skip_fqns"`` (an option), ``"rule 'relu' include="``."""
+    globs: tuple[str, ...]
+    sub_path: bool
+    """True: a glob matches a dotted sub-path of the FQN
+    (:func:`~torchgraft.ir.provenance.module_glob`); False: the whole FQN (``fnmatch``)."""
+    rule: str | None = None
+
+
 class Handler:
     """A conversion: rules plus typed options, ordering declarations and optimizer hooks.
 
@@ -144,13 +158,27 @@ class Handler:
         """
         return None
 
-    def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
-        """Graph values the replacement needs beyond what the pattern bound.
+    def module_filters(self) -> list[ModuleFilter]:
+        """The module FQN globs this handler filters on: its rules' ``include`` /
+        ``exclude``; handlers with a glob option (``skip_fqns``) add theirs."""
+        filters = []
+        for rule in self.rules():
+            for kind in ("include", "exclude"):
+                globs = getattr(rule, kind)
+                if globs:
+                    filters.append(
+                        ModuleFilter(f"rule '{rule.name}' {kind}=", globs, False, rule.name)
+                    )
+        return filters
+
+    def extra_inputs(self, match: Match) -> dict[str, Any]:
+        """Graph values (or literals) the replacement needs beyond what the pattern bound.
 
         Called for each accepted match before its replacement is traced; each returned
-        node must be defined before the match (e.g. a graph input) and arrives in the
-        replacement as a keyword argument of that name (declare ``**inputs``). It is part
-        of the template cache key like any binding. Default: none.
+        node must be defined before the match (e.g. a graph input), a literal is a value
+        the handler computed from the match (e.g. a window size read off a mask); each
+        arrives in the replacement as a keyword argument of that name (declare
+        ``**inputs``). It is part of the template cache key like any binding. Default: none.
         """
         return {}
 
@@ -179,16 +207,19 @@ class Handler:
         After a run, these are exactly the matches the handler did not rewrite."""
         if type(self).reject is Handler.reject:  # accepts everything: nothing to look for
             return []
-        skipped = []
+        skipped: dict[fx.Node, Skipped] = {}
+        accepted: set[fx.Node] = set()  # another rule of this handler takes it
         for rule in self.rules():
             for match in find_matches(gm.graph, rule):  # without the handler: reject() not applied
+                anchor = match.anchor
                 reason = self.reject(match)
-                if reason:
-                    anchor = match.anchor
-                    skipped.append(
-                        Skipped(anchor.name, match.module_fqn, reason, user_source(anchor))
+                if not reason:
+                    accepted.add(anchor)
+                elif anchor not in skipped:  # two rules match it: the first reason is listed
+                    skipped[anchor] = Skipped(
+                        anchor.name, match.module_fqn, reason, user_source(anchor)
                     )
-        return skipped
+        return [s for anchor, s in skipped.items() if anchor not in accepted]
 
     def convert(self, model: nn.Module) -> nn.Module:
         """Rewrite a captured graph module in place with this handler and return it.

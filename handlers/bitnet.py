@@ -1,6 +1,7 @@
 """``bitnet``: BitNet b1.58 linears (``torchgraft::bitnet_linear``), as graph rules.
 
-Every ``aten.linear`` not in ``skip_fqns`` becomes ``torchgraft::bitnet_linear(x, w, b, kernel)``:
+Every linear layer (any form of :mod:`~torchgraft.handlers.linear_rules`) but the head and
+those in ``skip_fqns`` becomes ``torchgraft::bitnet_linear(x, w, b, kernel)``:
 ternary weights with absmean scale, per-token 8-bit activations, straight-through
 estimator in backward (see :mod:`torchgraft.ops.bitnet`). No shape requirement.
 """

@@ -1,9 +1,27 @@
 """``flex_attention``: causal ``scaled_dot_product_attention`` → ``torchgraft::flex_attention``.
 
-Rewrites every ``aten.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale,
-enable_gqa)`` (causal, no explicit mask, no dropout) into the FlexAttention op of
+Rewrites causal attention, as models write it, into the FlexAttention op of
 :mod:`torchgraft.ops.flex`, with a causal block mask or, with ``mask: document``, a causal
-mask restricted to each packed document::
+mask restricted to each packed document:
+
+* ``causal_sdpa``: ``aten.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale,
+  enable_gqa)`` (``is_causal=True``, no dropout);
+* ``masked_sdpa``: the same with an explicit mask tensor and ``is_causal=False``, as
+  ``transformers`` models export. The mask must be computed from shapes and constants
+  only; it is evaluated at rewrite time (:func:`~torchgraft.handlers.attention_masks.classify_mask`)
+  and converted when it is causal, or sliding-window causal (Mistral, Gemma2, Qwen2 with
+  ``sliding_window``: the op's ``window``). Masks that depend on data (padding), add a bias
+  or are not causal are listed by ``skipped`` with the reason;
+* ``eager_attention`` / ``softcapped_attention``: attention written out,
+  ``matmul(softmax(q kᵀ · scale [soft-capped] + mask), v)`` (``transformers``' eager
+  attention, the only one Gemma2 has), with a mask as above; soft-capping
+  ``c · tanh(s / c)`` becomes the op's ``softcap`` (flex's ``score_mod``). Dropout in the
+  attention (``p > 0`` while training) is listed by ``skipped``;
+* ``*_gqa``: the same after ``transformers``' ``repeat_kv`` (``unsqueeze(kv, 2)`` →
+  ``expand`` along the new dim → ``reshape`` to ``H`` heads): the op gets the ``Hkv`` heads
+  with ``enable_gqa=True`` instead of the copies.
+
+Example::
 
     gm = tg.capture(build_llama("debug"), (tokens,))
     tg.PassManager([{"flex_attention": {"mask": "document", "eod_token": 0}}]).run(gm)
@@ -25,12 +43,13 @@ elimination of ``torch.compile`` merges).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import fx
 
 import torchgraft as tg
+from torchgraft.handlers.attention_masks import MaskKind, classify_mask
 from torchgraft.handlers.options import OptionError
 from torchgraft.ir.rule import Match
 from torchgraft.ops.flex import document_ids  # also registers torchgraft::flex_attention
@@ -40,10 +59,35 @@ aten = torch.ops.aten
 TOKENS = "tokens"
 """Name under which ``mask: document`` binds the token-id graph input in a match."""
 
+WINDOW = "window"
+"""Name under which the masked rules bind the sliding window (an int, or None) in a match."""
+
+
+def _repeated(kv, size, shape):
+    # transformers' repeat_kv: [B, Hkv, S, D] -> [B, Hkv * n_rep, S, D]
+    return aten.reshape.default(aten.expand.default(aten.unsqueeze.default(kv, 2), size), shape)
+
+
+def _scores(q, k, scale):
+    # q kᵀ · scale, as eager attention writes it
+    return aten.mul.Tensor(aten.matmul.default(q, aten.transpose.int(k, 2, 3)), scale)
+
+
+def _capped(scores, cap):
+    # soft-capping: cap * tanh(scores / cap)
+    return aten.mul.Tensor(aten.tanh.default(aten.div.Tensor(scores, cap)), cap)
+
+
+def _attend(scores, mask, v, softmax_dtype, dtype, p, train):
+    # matmul(dropout(softmax(scores + mask).to(dtype)), v)
+    probs = aten.softmax.int(aten.add.Tensor(scores, mask), -1, softmax_dtype)
+    return aten.matmul.default(aten.dropout.default(aten.to.dtype(probs, dtype), p, train), v)
+
 
 @tg.register_handler("flex_attention")
 class FlexAttention(tg.Handler):
-    """Causal SDPA → FlexAttention with a causal or document block mask.
+    """Causal attention (SDPA or eager) → FlexAttention with a causal, sliding-window or
+    document block mask.
 
     Exact: same outputs and gradients as SDPA up to float rounding. The op's forward runs
     ``torch.compile(flex_attention)`` (flex's fused kernel, also on CPU; compiled once per
@@ -71,8 +115,17 @@ class FlexAttention(tg.Handler):
                 raise ValueError("eod_token and tokens_input are only used by mask 'document'")
 
     def reject(self, match: Match) -> str | None:
-        if self.options.mask == "causal":
-            return None
+        """Why this attention cannot become flex (repeat_kv, dropout, mask, then what
+        ``mask: document`` needs), or None."""
+        reason = _attention_failure(match)
+        if reason is None and self.options.mask == "document":
+            reason = self._document_failure(match)
+        return reason
+
+    def _document_failure(self, match: Match) -> str | None:
+        kind = classify_mask(match.node("mask")) if "mask" in match.bindings else None
+        if isinstance(kind, MaskKind) and kind.kind == "sliding_window":
+            return f"mask 'document' with a sliding window ({kind.window}) is not supported"
         q, k = match["q"], match["k"]
         if q.shape[2] != k.shape[2]:
             return f"document masking needs self-attention, got L={q.shape[2]}, S={k.shape[2]}"
@@ -85,10 +138,14 @@ class FlexAttention(tg.Handler):
             )
         return None
 
-    def extra_inputs(self, match: Match) -> dict[str, fx.Node]:
-        if self.options.mask == "causal":
-            return {}
-        return {TOKENS: self._token_input(match.anchor.graph)}
+    def extra_inputs(self, match: Match) -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        if "mask" in match.bindings:
+            kind = classify_mask(match.node("mask"))
+            inputs[WINDOW] = kind.window if isinstance(kind, MaskKind) else None
+        if self.options.mask == "document":
+            inputs[TOKENS] = self._token_input(match.anchor.graph)
+        return inputs
 
     def _token_input(self, graph: fx.Graph) -> fx.Node:
         inputs = [n for n in graph.find_nodes(op="placeholder") if _is_integer(n)]
@@ -116,6 +173,43 @@ class FlexAttention(tg.Handler):
             )
         return found[0]
 
+    # The repeat_kv forms first: they claim the attention before the plain rules would
+    # match it with the copied heads.
+    @tg.rule
+    def causal_sdpa_gqa(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks, kshape, vs, vshape, scale, gqa
+    ):
+        # sdpa(q, repeat_kv(k), repeat_kv(v), is_causal=True)  =>  flex(q, k, v, enable_gqa)
+        return aten.scaled_dot_product_attention.default(
+            q, _repeated(k, ks, kshape), _repeated(v, vs, vshape), None, 0.0, True, scale, gqa
+        )
+
+    @causal_sdpa_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, scale, gqa, **inputs):
+        return self.flex(q, k, v, scale, True, inputs)
+
+    @tg.rule
+    def masked_sdpa_gqa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ks,
+        kshape,
+        vs,
+        vshape,
+        mask: torch.Tensor,
+        scale,
+        gqa,
+    ):
+        # sdpa(q, repeat_kv(k), repeat_kv(v), causal_mask)  =>  flex(q, k, v, enable_gqa)
+        return aten.scaled_dot_product_attention.default(
+            q, _repeated(k, ks, kshape), _repeated(v, vs, vshape), mask, 0.0, False, scale, gqa
+        )
+
+    @masked_sdpa_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, mask, scale, gqa, **inputs):
+        return self.flex(q, k, v, scale, True, inputs)
+
     @tg.rule
     def causal_sdpa(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, enable_gqa: bool
@@ -127,10 +221,132 @@ class FlexAttention(tg.Handler):
 
     @causal_sdpa.replacement
     def _(self, q, k, v, scale, enable_gqa, **inputs):
+        return self.flex(q, k, v, scale, enable_gqa, inputs)
+
+    @tg.rule
+    def masked_sdpa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float | None,
+        enable_gqa: bool,
+    ):
+        # sdpa(q, k, v, causal_mask)  =>  torchgraft.flex_attention(q, k, v, window=...)
+        return aten.scaled_dot_product_attention.default(
+            q, k, v, mask, 0.0, False, scale, enable_gqa
+        )
+
+    @masked_sdpa.replacement
+    def _(self, q, k, v, mask, scale, enable_gqa, **inputs):
+        return self.flex(q, k, v, scale, enable_gqa, inputs)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def eager_attention_gqa(
+        q, k, v, ks, kshape, vs, vshape, scale: float, mask: torch.Tensor, sd, dt, p, train
+    ):
+        # softmax(q repeat_kv(k)ᵀ·scale + mask) repeat_kv(v)  =>  flex(q, k, v, enable_gqa)
+        scores = _scores(q, _repeated(k, ks, kshape), scale)
+        return _attend(scores, mask, _repeated(v, vs, vshape), sd, dt, p, train)
+
+    @eager_attention_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, scale, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, True, inputs)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def softcapped_attention_gqa(
+        q,
+        k,
+        v,
+        ks,
+        kshape,
+        vs,
+        vshape,
+        scale: float,
+        cap: float,
+        mask: torch.Tensor,
+        sd,
+        dt,
+        p,
+        train,
+    ):
+        # softmax(cap·tanh(q repeat_kv(k)ᵀ·scale / cap) + mask) repeat_kv(v)  =>  flex(softcap)
+        scores = _capped(_scores(q, _repeated(k, ks, kshape), scale), cap)
+        return _attend(scores, mask, _repeated(v, vs, vshape), sd, dt, p, train)
+
+    @softcapped_attention_gqa.replacement
+    def _(self, q, k, v, ks, kshape, vs, vshape, scale, cap, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, True, inputs, cap)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def eager_attention(q, k, v, scale: float, mask: torch.Tensor, sd, dt, p, train):
+        # softmax(q kᵀ·scale + mask) v  =>  torchgraft.flex_attention(q, k, v)
+        return _attend(_scores(q, k, scale), mask, v, sd, dt, p, train)
+
+    @eager_attention.replacement
+    def _(self, q, k, v, scale, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, False, inputs)
+
+    @tg.rule(commutative=(aten.add.Tensor,))
+    def softcapped_attention(
+        q, k, v, scale: float, cap: float, mask: torch.Tensor, sd, dt, p, train
+    ):
+        # softmax(cap·tanh(q kᵀ·scale / cap) + mask) v  =>  flex_attention(..., softcap=cap)
+        return _attend(_capped(_scores(q, k, scale), cap), mask, v, sd, dt, p, train)
+
+    @softcapped_attention.replacement
+    def _(self, q, k, v, scale, cap, mask, sd, dt, p, train, **inputs):
+        return self.flex(q, k, v, scale, False, inputs, cap)
+
+    def flex(self, q, k, v, scale, enable_gqa, inputs: dict[str, Any], softcap=None):
+        """The replacement every rule shares: the op with this handler's mask."""
         doc_ids = None
         if self.options.mask == "document":
             doc_ids = document_ids(inputs[TOKENS], self.options.eod_token)
-        return torch.ops.torchgraft.flex_attention.default(q, k, v, doc_ids, scale, enable_gqa)
+        return torch.ops.torchgraft.flex_attention.default(
+            q, k, v, doc_ids, scale, enable_gqa, inputs.get(WINDOW), softcap
+        )
+
+
+def _attention_failure(match: Match) -> str | None:
+    """Why a structural match is not attention flex computes: ``repeat_kv`` that is not,
+    attention dropout, a mask that is neither causal nor sliding-window causal."""
+    if match.rule.name.endswith("_gqa"):
+        reason = _gqa_failure(match)
+        if reason is not None:
+            return reason
+    if match.bindings.get("train") and match["p"] != 0:
+        return (
+            f"attention dropout p={match['p']} while training: flex_attention has none; "
+            "set the model's attention dropout to 0 (e.g. attention_dropout=0.0)"
+        )
+    if "mask" in match.bindings:
+        kind = classify_mask(match.node("mask"))
+        if isinstance(kind, str):
+            return kind
+    return None
+
+
+def _gqa_failure(match: Match) -> str | None:
+    """Why the ``unsqueeze → expand → reshape`` before the attention is not ``repeat_kv``
+    (copies of each kv head next to each other), or None."""
+    matched = set(match.nodes.values())
+
+    def user(node: fx.Node) -> fx.Node:
+        return next(u for u in node.users if u in matched)
+
+    for name in ("k", "v"):
+        expand = user(user(match.node(name)))
+        reshape = user(expand)
+        kv, rep, out = (n.meta["val"].shape for n in (match.node(name), expand, reshape))
+        heads, n_rep = kv[1], rep[2]
+        same = tuple(rep) == (kv[0], heads, n_rep, *kv[2:])
+        if not same or tuple(out) != (kv[0], heads * n_rep, *kv[2:]):
+            return (
+                f"{name} is expanded {list(kv)} -> {list(rep)} -> {list(out)}, which is not "
+                "repeat_kv (each kv head repeated next to itself)"
+            )
+    return None
 
 
 def _is_integer(node: fx.Node) -> bool:

@@ -1,7 +1,7 @@
 """``float8``: float8 training linears (``torchgraft::float8_linear``), as graph rules.
 
-Every eligible ``aten.linear`` (both weight dims multiples of 16; not in ``skip_fqns``)
-becomes ``torchgraft::float8_linear(x, w, b, recipe)``: forward and both backward GEMMs in
+Every eligible linear layer (any form of :mod:`~torchgraft.handlers.linear_rules`; both
+weight dims multiples of 16; not the head, not in ``skip_fqns``) becomes ``torchgraft::float8_linear(x, w, b, recipe)``: forward and both backward GEMMs in
 float8 (e4m3, e5m2 for the output gradient with ``"tensorwise"``), see
 :mod:`torchgraft.ops.float8`. Ineligible linears stay as they are and are listed by
 :meth:`~torchgraft.handlers.linear_rules.LinearHandler.skipped`.

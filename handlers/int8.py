@@ -1,6 +1,7 @@
 """``int8``: int8 linears (``torchgraft::int8_linear``), as graph rules.
 
-Every ``aten.linear`` not in ``skip_fqns`` becomes ``torchgraft::int8_linear`` in one of
+Every linear layer (any form of :mod:`~torchgraft.handlers.linear_rules`) but the head and
+those in ``skip_fqns`` becomes ``torchgraft::int8_linear`` in one of
 three modes (see :mod:`torchgraft.ops.int8`): weight-only, dynamic (per-token activations,
 ``torch._int_mm``) or mixed-precision training with each GEMM optionally int8. int8 has no
 shape requirement (the GEMM pads operands as the kernels need).

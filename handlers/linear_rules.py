@@ -1,11 +1,26 @@
 """What the low-precision linear handlers (float8, int8, MX, BitNet) share.
 
-:class:`LinearHandler` declares the two rules, ``aten.linear(x, w)`` and
-``aten.linear(x, w, b)``, each replaced by the subclass's
-:meth:`~LinearHandler.quantized_linear` (one custom op call), and the ``skip_fqns`` option
-and the shape eligibility, both applied in :meth:`~LinearHandler.reject` so that
-``tg.explain`` states why a linear was left alone. :meth:`~LinearHandler.skipped` lists
-every linear the handler leaves alone, with that same reason. A subclass only writes its options, its shape requirement and its op::
+:class:`LinearHandler` declares one rule per form in which models write a linear layer,
+each replaced by the subclass's :meth:`~LinearHandler.quantized_linear` (one custom op call
+on ``x [..., K]``, ``w [N, K]``, ``b``):
+
+* ``aten.linear(x, w[, b])``: ``nn.Linear`` / ``F.linear``, weight ``[out, in]``;
+* ``aten.addmm(b, x, w)`` / ``aten.mm(x, w)`` with a parameter ``w [in, out]``
+  (``transformers``' GPT-2 ``Conv1D``: ``addmm(bias, x.view(-1, K), weight)``), and the
+  same with ``aten.t(w)`` of a ``[out, in]`` parameter (a decomposed ``F.linear``);
+* ``aten.matmul(x, w)`` with a parameter ``w [in, out]`` (``x @ self.w``) or its transpose
+  ``[out, in]`` (``x @ self.w.T``, ``x @ self.w.t()``).
+
+The ``[in, out]`` forms pass ``aten.t(w)`` to the op, so gradients reach the original
+parameter through the transpose. A form that multiplies two activations (attention scores)
+is not a linear layer and does not match (the ``where`` filter :func:`parameter_weight`).
+
+Two options and the shape eligibility are applied in :meth:`~LinearHandler.reject`, so
+that ``tg.explain`` states why a linear was left alone and
+:meth:`~torchgraft.Handler.skipped` lists it with that reason: ``skip_head`` (default on)
+leaves the projection that produces the logits in high precision, found by structure
+(:func:`produces_logits`), whatever its name; ``skip_fqns`` names modules explicitly. A
+subclass only writes its options, its shape requirement and its op::
 
     @tg.register_handler("mx")
     class MX(LinearHandler):
@@ -28,22 +43,116 @@ plan match the same nodes, which the pass manager's ``overlap`` check reports, u
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
+from torch import fx, nn
 
 import torchgraft.ops  # noqa: F401  (registers the torchgraft::*_linear ops)
-from torchgraft.handlers.base import Handler
+from torchgraft.handlers.base import Handler, ModuleFilter
 from torchgraft.ir.provenance import module_glob
 from torchgraft.ir.rule import Match, rule
 
-__all__ = ["LinearHandler"]
+__all__ = ["LinearHandler", "parameter_weight", "produces_logits"]
 
 aten = torch.ops.aten
 
+_RESHAPES = frozenset(
+    {
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.unsqueeze.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.transpose.int,
+        aten.permute.default,
+        aten.t.default,
+        aten.contiguous.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten.to.dtype,
+        aten.to.dtype_layout,
+        aten._to_copy.default,
+        aten.tanh.default,  # logit soft-capping: cap * tanh(logits / cap)
+    }
+)
+"""Ops that keep a value "the logits": reshapes, casts and soft-capping."""
+
+_BY_CONSTANT = frozenset({aten.div.Tensor, aten.mul.Tensor, aten.div.Scalar, aten.mul.Scalar})
+"""Ops that keep the logits when the other operand is a Python number (a temperature, a cap)."""
+
+_LOSSES = frozenset(
+    {
+        aten.cross_entropy_loss.default,
+        aten.nll_loss.default,
+        aten.nll_loss_forward.default,
+        aten.log_softmax.int,
+        aten._log_softmax.default,
+        aten.binary_cross_entropy_with_logits.default,
+        aten.mse_loss.default,
+    }
+)
+"""Losses whose input is the model's prediction."""
+
+
+def _keeps_logits(node: fx.Node, value: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in _RESHAPES:
+        return node.args[0] is value
+    if node.target in _BY_CONSTANT:
+        return node.args[0] is value and not isinstance(node.args[1], fx.Node)
+    return False
+
+
+def produces_logits(node: fx.Node) -> bool:
+    """Whether ``node`` computes the model's prediction: through reshapes, casts and
+    soft-capping only (:data:`_RESHAPES`), it is returned by the graph or fed to a loss.
+
+    This is how the linear handlers find the LM head (or a classifier) whatever its FQN:
+    ``lm_head``, ``output``, GPT-2's tied ``lm_head`` and BERT's ``cls.predictions.decoder``
+    produce logits; an attention or FFN projection is followed by other computation.
+    """
+    work, seen = [node], {node}
+    while work:
+        value = work.pop()
+        for user in value.users:
+            if user.op == "output" or (user.op == "call_function" and user.target in _LOSSES):
+                return True
+            if user not in seen and _keeps_logits(user, value):
+                seen.add(user)
+                work.append(user)
+    return False
+
+
+def parameter_weight(match: Match) -> bool:
+    """``where`` filter of the matmul-style forms: ``w`` is an ``nn.Parameter`` (a layer's
+    weight, not an activation) and ``x`` has at least 2 dims. A parameter that is not 2-D
+    (stacked expert weights) is a layer the handler skips, with the reason."""
+    w = match.node("w")
+    root = w.graph.owning_module
+    if w.op != "get_attr" or root is None:
+        return False
+    try:
+        value = operator.attrgetter(w.target)(root)
+    except AttributeError:
+        return False
+    x = match["x"]
+    return isinstance(value, nn.Parameter) and getattr(x, "ndim", 0) >= 2
+
+
+_IN_OUT = frozenset({"addmm", "mm", "matmul"})
+"""Rules whose weight parameter is stored ``[in, out]`` (the op receives its transpose)."""
+
 
 class LinearHandler(Handler):
-    """Base of the handlers that rewrite ``aten.linear`` into one low-precision custom op.
+    """Base of the handlers that rewrite linear layers into one low-precision custom op.
 
     Subclasses override :meth:`quantized_linear` and, when the format constrains shapes,
     :meth:`shape_failure`; they are registered, this base is not.
@@ -51,11 +160,17 @@ class LinearHandler(Handler):
 
     @dataclasses.dataclass(kw_only=True)
     class Options:
-        skip_fqns: list[str] = dataclasses.field(default_factory=lambda: ["output"])
+        skip_fqns: list[str] = dataclasses.field(default_factory=list)
         """Module FQN globs to leave in high precision. A glob matches a dotted sub-path of
-        the FQN (see :func:`torchgraft.ir.provenance.module_glob`): ``"attention"`` skips every linear inside an
-        ``attention`` module; the default ``["output"]`` keeps the final projection
-        (``output`` or ``model.output``) unconverted, as float8 training recipes do."""
+        the FQN (see :func:`torchgraft.ir.provenance.module_glob`): ``"attention"`` skips
+        every linear inside an ``attention`` module, ``"lm_head"`` the module ``lm_head``
+        or ``model.lm_head``. A glob that matches no module of the graph is reported by
+        ``check`` (``unmatched_filter``)."""
+        skip_head: bool = True
+        """Leave the projection that produces the logits in high precision, as low-precision
+        training recipes do: the linear whose output, through reshapes, casts and
+        soft-capping only, is returned by the model or fed to its loss (``lm_head``,
+        ``output``, a classifier), whatever its name."""
 
     @rule
     def linear(x: torch.Tensor, w: torch.Tensor):  # linear(x, w) -> <fmt>_linear(x, w, None)
@@ -73,9 +188,65 @@ class LinearHandler(Handler):
     def _(self, x, w, b):
         return self.quantized_linear(x, w, b)
 
+    @rule(where=parameter_weight)
+    def addmm(b: torch.Tensor, x: torch.Tensor, w: torch.Tensor):  # Conv1D: w [in, out]
+        return aten.addmm.default(b, x, w)
+
+    @addmm.replacement
+    def _(self, b, x, w):
+        return self.quantized_linear(x, aten.t.default(w), b)
+
+    @rule(where=parameter_weight)
+    def addmm_t(b: torch.Tensor, x: torch.Tensor, w: torch.Tensor):  # decomposed F.linear
+        return aten.addmm.default(b, x, aten.t.default(w))
+
+    @addmm_t.replacement
+    def _(self, b, x, w):
+        return self.quantized_linear(x, w, b)
+
+    @rule(where=parameter_weight)
+    def mm(x: torch.Tensor, w: torch.Tensor):  # x2d @ w, w [in, out]
+        return aten.mm.default(x, w)
+
+    @mm.replacement
+    def _(self, x, w):
+        return self.quantized_linear(x, aten.t.default(w), None)
+
+    @rule(where=parameter_weight)
+    def mm_t(x: torch.Tensor, w: torch.Tensor):  # x2d @ w.t(), w [out, in]
+        return aten.mm.default(x, aten.t.default(w))
+
+    @mm_t.replacement
+    def _(self, x, w):
+        return self.quantized_linear(x, w, None)
+
+    @rule(where=parameter_weight)
+    def matmul(x: torch.Tensor, w: torch.Tensor):  # x @ self.w, w [in, out]
+        return aten.matmul.default(x, w)
+
+    @matmul.replacement
+    def _(self, x, w):
+        return self.quantized_linear(x, aten.t.default(w), None)
+
+    @rule(where=parameter_weight)
+    def matmul_t(x: torch.Tensor, w: torch.Tensor):  # x @ self.w.t(), w [out, in]
+        return aten.matmul.default(x, aten.t.default(w))
+
+    @matmul_t.replacement
+    def _(self, x, w):
+        return self.quantized_linear(x, w, None)
+
+    @rule(where=parameter_weight)
+    def matmul_T(x: torch.Tensor, w: torch.Tensor):  # x @ self.w.T, w [out, in]
+        return aten.matmul.default(x, aten.numpy_T.default(w))
+
+    @matmul_T.replacement
+    def _(self, x, w):
+        return self.quantized_linear(x, w, None)
+
     def quantized_linear(self, x: Any, w: Any, b: Any | None) -> Any:
         """The replacement of ``F.linear(x, w, b)``: one custom op call on the traced values
-        (``b`` is None for the bias-free rule)."""
+        (``w`` is ``[out, in]``; ``b`` is None for the bias-free forms)."""
         raise NotImplementedError(f"{type(self).__name__} must define quantized_linear(x, w, b)")
 
     def shape_failure(self, w: torch.Tensor) -> str | None:
@@ -83,11 +254,31 @@ class LinearHandler(Handler):
         Default: every shape is supported."""
         return None
 
+    def module_filters(self) -> list[ModuleFilter]:
+        """The rules' globs and ``skip_fqns`` (checked by ``unmatched_filter``)."""
+        skip = ModuleFilter("skip_fqns", tuple(self.options.skip_fqns), True)
+        return [*super().module_filters(), *([skip] if skip.globs else [])]
+
     def reject(self, match: Match) -> str | None:
-        """Skip modules matched by ``skip_fqns``, then weights :meth:`shape_failure` refuses
-        (listed with their reasons by :meth:`~torchgraft.Handler.skipped`)."""
+        """Skip modules matched by ``skip_fqns``, the projection producing the logits
+        (``skip_head``), then weights :meth:`shape_failure` refuses (listed with their
+        reasons by :meth:`~torchgraft.Handler.skipped`)."""
         glob = module_glob(match.module_fqn, self.options.skip_fqns)
         if glob is not None:
             return f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
+        if self.options.skip_head and produces_logits(match.anchor):
+            what = (
+                f"module '{match.module_fqn}'"
+                if match.module_fqn
+                else f"node '{match.anchor.name}'"
+            )
+            return (
+                f"{what} produces the logits (the head stays in high precision; set "
+                "skip_head: false to convert it)"
+            )
         w = match["w"]
-        return f"weight is {w.ndim}-D, expected [N, K]" if w.ndim != 2 else self.shape_failure(w)
+        if w.ndim != 2:
+            return f"weight is {w.ndim}-D, expected [N, K]"
+        if match.rule.name in _IN_OUT:
+            w = w.mT  # stored [in, out]: the op gets [N, K]
+        return self.shape_failure(w)

@@ -1,7 +1,8 @@
 """``mx``: OCP microscaling linears (``torchgraft::mx_linear``), as graph rules.
 
-Every ``aten.linear`` whose in_features ``K`` is a multiple of the MX block size 32 (and
-not in ``skip_fqns``) becomes ``torchgraft::mx_linear(x, w, b, format)``: operands in blocks
+Every linear layer (any form of :mod:`~torchgraft.handlers.linear_rules`; not the head)
+whose in_features ``K`` is a multiple of the MX block size 32 (and not in ``skip_fqns``)
+becomes ``torchgraft::mx_linear(x, w, b, format)``: operands in blocks
 of 32 along each GEMM's contraction dim with a shared E8M0 scale, emulated GEMM (see
 :mod:`torchgraft.ops.mx`). Others stay as they are and are listed by ``skipped(gm)``.
 """

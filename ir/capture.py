@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -10,6 +11,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
 
 from torchgraft.ir.errors import CaptureError
 from torchgraft.ir.provenance import is_user_file, user_frame_from_text
@@ -24,6 +26,7 @@ def capture(
     *,
     method: Method = "export",
     strict: bool = False,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model`` called with ``args`` / ``kwargs`` as an ``fx.GraphModule``.
 
@@ -37,6 +40,17 @@ def capture(
     (``capture(m, (t, t))``) is captured as two independent inputs: ``torch.export`` would
     otherwise bake the alias into the graph and ignore the second argument forever after.
 
+    Models as they ship (``transformers``): when ``model.forward`` takes a ``use_cache``
+    argument that the call does not set, it is called with ``use_cache=False`` (a KV cache
+    is an inference object: ``DynamicCache`` outputs cannot be captured) and the graph
+    module is called without it, ``gm(input_ids)``. The graph returns what the model
+    returns: a ``ModelOutput`` (``gm(ids).logits``), a dict, a tuple or a tensor.
+
+    ``dynamic_shapes`` (export only) is passed to ``torch.export.export`` as it is, e.g.
+    ``{"input_ids": {0: torch.export.Dim("batch")}}``: the graph then holds symbolic sizes,
+    and every handler matches and rewrites it as usual (replacements are traced with the
+    symbolic shapes). The fixed ``use_cache`` needs no entry.
+
     Example::
 
         gm = tg.capture(model, (tokens,))
@@ -49,7 +63,9 @@ def capture(
         args = (args,)
     args, kwargs = _unaliased(args, dict(kwargs or {}))
     if method == "export":
-        return _export(model, args, kwargs, strict)
+        return _export(model, args, kwargs, strict, dynamic_shapes)
+    if dynamic_shapes is not None:
+        raise ValueError("dynamic_shapes is a torch.export option: use method='export'")
     if method == "symbolic_trace":
         return _symbolic_trace(model, args, kwargs)
     raise ValueError(f"unknown capture method {method!r}; use 'export' or 'symbolic_trace'")
@@ -71,12 +87,60 @@ def _unaliased(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, An
     return args, {k: fresh(v) for k, v in kwargs.items()}
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool) -> fx.GraphModule:
+FIXED_KWARGS = {"use_cache": False}
+"""Keyword arguments set at capture when ``forward`` takes them and the call does not:
+``use_cache=False`` makes ``transformers`` models return no KV cache."""
+
+
+def _fixed_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
-        program = torch.export.export(model, args, kwargs, strict=strict)
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in FIXED_KWARGS.items() if k in params and k not in kwargs}
+
+
+def _export(
+    model: nn.Module, args: tuple, kwargs: dict, strict: bool, dynamic_shapes: Any
+) -> fx.GraphModule:
+    fixed = _fixed_kwargs(model, kwargs)
+    if fixed and isinstance(dynamic_shapes, Mapping):
+        dynamic_shapes = {**dynamic_shapes, **dict.fromkeys(fixed)}
+    elif fixed and isinstance(dynamic_shapes, (tuple, list)):
+        dynamic_shapes = (*dynamic_shapes, *(None for _ in fixed))
+    try:
+        program = torch.export.export(
+            model, args, {**kwargs, **fixed}, strict=strict, dynamic_shapes=dynamic_shapes
+        )
     except Exception as exc:
-        raise _capture_error(model, "torch.export", exc, "method='symbolic_trace'") from exc
-    return program.module()
+        raise _capture_error(model, "torch.export", exc, _export_hint(exc)) from exc
+    if not fixed:
+        return program.module()
+    # The guard function export inserts would take the dropped inputs: input checks are
+    # left to the module's pre-forward hook (shapes against the range constraints).
+    gm = program.module(check_guards=False)
+    _drop_inputs(gm, args, kwargs, fixed)
+    return gm
+
+
+def _drop_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, fixed: dict) -> None:
+    """Remove the constant inputs ``fixed`` from the graph module's calling convention, so
+    that it is called with ``args`` / ``kwargs`` alone (export specializes constants: their
+    placeholders have no users)."""
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        if node.target in fixed:
+            if node.users:  # a constant export did not specialize: keep the model as it is
+                raise CaptureError(
+                    f"torch.export kept {node.target}={fixed[node.target]!r} as a graph input; "
+                    f"pass it explicitly: tg.capture(model, args, {{{node.target!r}: ...}})"
+                )
+            gm.graph.erase_node(node)
+    info = gm.graph._codegen.pytree_info
+    in_spec = pytree.tree_structure((args, kwargs))
+    names = [name for name in info.orig_args if name not in fixed]
+    gm.graph._codegen.pytree_info = info._replace(orig_args=names, in_spec=in_spec)
+    gm._in_spec = in_spec
+    gm.recompile()
 
 
 class _ThroughModules(fx.Tracer):
@@ -99,11 +163,13 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
             *(bound[name] for name in placeholders if name in bound)
         )
     except Exception as exc:
-        raise _capture_error(model, "torch.fx.symbolic_trace", exc, "method='export'") from exc
+        raise _capture_error(
+            model, "torch.fx.symbolic_trace", exc, "try tg.capture(model, args, method='export')"
+        ) from exc
     return gm
 
 
-def _capture_error(model: nn.Module, tool: str, exc: Exception, other: str) -> CaptureError:
+def _capture_error(model: nn.Module, tool: str, exc: Exception, hint: str) -> CaptureError:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if is_user_file(f.filename)]
     if frames:
         frame = frames[-1]
@@ -114,5 +180,25 @@ def _capture_error(model: nn.Module, tool: str, exc: Exception, other: str) -> C
     message = f"{tool} could not capture {type(model).__name__}: {type(exc).__name__}: {headline}"
     if where:
         message += f"\n  failing source line: {where}"
-    message += f"\n  hint: try tg.capture(model, args, {other})"
+    message += f"\n  hint: {hint}"
     return CaptureError(message)
+
+
+def _export_hint(exc: Exception) -> str:
+    """What to change when ``torch.export`` fails, from what its message says."""
+    text = str(exc)
+    if (
+        "in output, which is not a known type" in text
+        or "in input, which is not a known type" in text
+    ):
+        return (
+            "the model takes or returns an object torch.export cannot flatten (e.g. a KV "
+            "cache); return tensors, a dict or a ModelOutput (transformers: use_cache=False), "
+            "or register the type with torch.utils._pytree.register_pytree_node"
+        )
+    if "dynamic_shapes" in text or "Constraints violated" in text:
+        return (
+            "a size declared dynamic in dynamic_shapes is specialized by the model; follow "
+            "torch.export's suggested fixes above or keep that dimension static"
+        )
+    return "try tg.capture(model, args, method='symbolic_trace')"

@@ -1,11 +1,15 @@
-"""``torchgraft::flex_attention``: causal (optionally document-masked) attention through
-``torch.nn.attention.flex_attention``.
+"""``torchgraft::flex_attention``: causal (optionally sliding-window or document-masked)
+attention through ``torch.nn.attention.flex_attention``.
 
-``flex_attention(q, k, v, doc_ids, scale=None, enable_gqa=False) -> out`` computes
-``softmax(q kᵀ · scale + mask) v`` per head, where the mask lets query ``i`` see key ``j``
-when ``j <= i`` (causal, top-left aligned as in ``scaled_dot_product_attention(is_causal=True)``)
-and, if ``doc_ids [B, L]`` is given, ``doc_ids[b, i] == doc_ids[b, j]`` (document masking:
-each packed document attends only to itself; needs ``L == S``). ``q [B, H, L, E]``,
+``flex_attention(q, k, v, doc_ids, scale=None, enable_gqa=False, window=None, softcap=None)``
+computes ``softmax(cap(q kᵀ · scale) + mask) v`` per head, where ``cap(s) = softcap ·
+tanh(s / softcap)`` when ``softcap`` is given (Gemma2's logit soft-capping, flex's
+``score_mod``) and the identity otherwise, and the mask lets query ``i`` see
+key ``j`` when ``j <= i`` (causal, top-left aligned as in
+``scaled_dot_product_attention(is_causal=True)``), if ``window`` is given only when
+``i - j < window`` (sliding-window causal, as Mistral and Gemma2 layers use), and, if
+``doc_ids [B, L]`` is given, ``doc_ids[b, i] == doc_ids[b, j]`` (document masking: each
+packed document attends only to itself; needs ``L == S``). ``q [B, H, L, E]``,
 ``k [B, Hkv, S, E]``, ``v [B, Hkv, S, Ev]`` → ``out [B, H, L, Ev]`` (contiguous, ``q.dtype``);
 ``scale`` defaults to ``E ** -0.5``; ``enable_gqa`` lets ``H`` be a multiple of ``Hkv`` (query
 head ``h`` reads kv head ``h // (H // Hkv)``), all as in SDPA.
@@ -52,6 +56,8 @@ __all__ = [
     "document_mask",
     "flex_attention",
     "flex_attention_backward",
+    "sliding_window_mask",
+    "softcap_score",
 ]
 
 aten = torch.ops.aten
@@ -68,6 +74,29 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 def causal_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
     """``mask_mod`` of causal attention: key ``kv_idx`` is visible from query ``q_idx``."""
     return q_idx >= kv_idx
+
+
+@functools.cache
+def sliding_window_mask(window: int) -> MaskMod:
+    """``mask_mod`` of sliding-window causal attention: query ``q_idx`` sees the ``window``
+    keys ending at itself (``0 <= q_idx - kv_idx < window``). Cached per window, so that
+    one compiled kernel serves every layer with that window."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return mask_mod
+
+
+@functools.cache
+def softcap_score(softcap: float) -> Callable:
+    """``score_mod`` of logit soft-capping, ``softcap · tanh(score / softcap)``; cached per
+    value, so that one compiled kernel serves every layer."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
 
 
 def document_mask(doc_ids: torch.Tensor) -> MaskMod:
@@ -95,8 +124,10 @@ def document_ids(tokens: torch.Tensor, eod_token: int) -> torch.Tensor:
     return aten.sub.Tensor(aten.cumsum.default(is_eod, -1), is_eod)
 
 
-def _mask_mod(doc_ids: torch.Tensor | None) -> MaskMod:
-    return causal_mask if doc_ids is None else document_mask(doc_ids)
+def _mask_mod(doc_ids: torch.Tensor | None, window: int | None) -> MaskMod:
+    if doc_ids is not None:
+        return document_mask(doc_ids)
+    return causal_mask if window is None else sliding_window_mask(window)
 
 
 def _block_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -> BlockMask:
@@ -142,18 +173,28 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _causal_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask:
-    return _block_mask(causal_mask, 1, q_len, kv_len, device)
+def _causal_block_mask(
+    q_len: int, kv_len: int, device: torch.device, window: int | None
+) -> BlockMask:
+    return _block_mask(_mask_mod(None, window), 1, q_len, kv_len, device)
 
 
-def _mask_for(doc_ids: torch.Tensor | None, q_len: int, kv_len: int, device) -> BlockMask:
+def _mask_for(
+    doc_ids: torch.Tensor | None, q_len: int, kv_len: int, device, window: int | None
+) -> BlockMask:
     if doc_ids is None:
-        return _causal_block_mask(q_len, kv_len, torch.device(device))
+        return _causal_block_mask(q_len, kv_len, torch.device(device), window)
     return _block_mask(document_mask(doc_ids), doc_ids.shape[0], q_len, kv_len, device)
 
 
 def _check_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, gqa: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    gqa: bool,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -170,6 +211,13 @@ def _check_args(
         raise ValueError(
             f"flex_attention: q has {heads} heads and k, v {kv_heads}; set enable_gqa=True "
             "with a number of query heads that is a multiple of the kv heads"
+        )
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"flex_attention: softcap must be > 0, got {softcap}")
+    if window is not None and (window < 1 or doc_ids is not None):
+        raise ValueError(
+            f"flex_attention: window must be >= 1 and cannot be combined with doc_ids, got "
+            f"window={window}" + (" with doc_ids" if doc_ids is not None else "")
         )
     if doc_ids is not None:
         if doc_ids.shape != (q.shape[0], q.shape[2]) or q.shape[2] != k.shape[2]:
@@ -195,10 +243,13 @@ def flex_attention(
     doc_ids: torch.Tensor | None,
     scale: float | None = None,
     enable_gqa: bool = False,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention, within documents when ``doc_ids`` is given."""
-    _check_args(q, k, v, doc_ids, enable_gqa)
-    block_mask = _mask_for(doc_ids, q.shape[2], k.shape[2], q.device)
+    """Causal attention, within documents when ``doc_ids`` is given, over the last
+    ``window`` keys when ``window`` is given, with soft-capped scores when ``softcap`` is."""
+    _check_args(q, k, v, doc_ids, enable_gqa, window, softcap)
+    block_mask = _mask_for(doc_ids, q.shape[2], k.shape[2], q.device, window)
     # The op's own autograd formula differentiates it, so flex sees plain tensors. The scale
     # is made explicit and GQA always on (a no-op when H == Hkv) so that one compiled kernel
     # serves every call of a given shape and mask kind.
@@ -207,6 +258,7 @@ def flex_attention(
         k.detach(),
         v.detach(),
         block_mask=block_mask,
+        score_mod=None if softcap is None else softcap_score(softcap),
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         enable_gqa=True,
     )
@@ -214,8 +266,8 @@ def flex_attention(
 
 
 @flex_attention.register_fake
-def _(q, k, v, doc_ids, scale=None, enable_gqa=False):
-    _check_args(q, k, v, doc_ids, enable_gqa)
+def _(q, k, v, doc_ids, scale=None, enable_gqa=False, window=None, softcap=None):
+    _check_args(q, k, v, doc_ids, enable_gqa, window, softcap)
     return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
@@ -228,12 +280,16 @@ def flex_attention_backward(
     doc_ids: torch.Tensor | None,
     scale: float | None = None,
     enable_gqa: bool = False,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`flex_attention` given the gradient of its output.
 
     Per block of query rows, in float32: ``P = softmax(q kᵀ·scale)`` over the allowed keys
     (0 elsewhere), ``dP = dO vᵀ``, ``dS = P ∘ (dP − rowsum(P ∘ dP))``; ``dq = dS k·scale``,
-    ``dk += dSᵀ q·scale``, ``dv += Pᵀ dO``.
+    ``dk += dSᵀ q·scale``, ``dv += Pᵀ dO``. With ``softcap``, ``P`` is the softmax of the
+    capped scores ``c · tanh(s / c)`` and ``dS`` is multiplied by their derivative
+    ``1 − tanh²(s / c)``.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -241,7 +297,7 @@ def flex_attention_backward(
     scale = head_dim**-0.5 if scale is None else scale
     k32 = k.float().repeat_interleave(group, dim=1) if group > 1 else k.float()
     v32 = v.float().repeat_interleave(group, dim=1) if group > 1 else v.float()
-    mask_mod = _mask_mod(doc_ids)
+    mask_mod = _mask_mod(doc_ids, window)
     dev = q.device
     b_idx = torch.arange(batch, device=dev).view(batch, 1, 1, 1)
     h_idx = torch.arange(heads, device=dev).view(1, heads, 1, 1)
@@ -257,12 +313,18 @@ def flex_attention_backward(
         q_c = q[:, :, start:stop].float() * scale
         do_c = grad_out[:, :, start:stop].float()
         k_c, v_c = k32[:, :, keys], v32[:, :, keys]
-        scores = (q_c @ k_c.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+        scores = q_c @ k_c.transpose(-1, -2)
+        if softcap is not None:
+            capped = torch.tanh(scores / softcap)
+            scores = capped * softcap
+        scores.masked_fill_(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         dv32[:, :, keys] += probs.transpose(-1, -2) @ do_c
         dscores = do_c @ v_c.transpose(-1, -2)  # dP, then dS = P * (dP - rowsum(P * dP))
         delta = (probs * dscores).sum(-1, keepdim=True)
         dscores.sub_(delta).mul_(probs)
+        if softcap is not None:
+            dscores.mul_(1 - capped * capped)
         dq[:, :, start:stop] = (dscores @ k_c) * scale
         dk32[:, :, keys] += dscores.transpose(-1, -2) @ q_c
     if group > 1:
@@ -272,22 +334,22 @@ def flex_attention_backward(
 
 
 @flex_attention_backward.register_fake
-def _(grad_out, q, k, v, doc_ids, scale=None, enable_gqa=False):
+def _(grad_out, q, k, v, doc_ids, scale=None, enable_gqa=False, window=None, softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, doc_ids, scale, enable_gqa = inputs
+    q, k, v, doc_ids, scale, enable_gqa, window, softcap = inputs
     ctx.save_for_backward(q, k, v, doc_ids)
-    ctx.scale, ctx.enable_gqa = scale, enable_gqa
+    ctx.scale, ctx.enable_gqa, ctx.window, ctx.softcap = scale, enable_gqa, window, softcap
 
 
 def _backward(ctx, grad_out: torch.Tensor):
     q, k, v, doc_ids = ctx.saved_tensors
     dq, dk, dv = torch.ops.torchgraft.flex_attention_backward(
-        grad_out, q, k, v, doc_ids, ctx.scale, ctx.enable_gqa
+        grad_out, q, k, v, doc_ids, ctx.scale, ctx.enable_gqa, ctx.window, ctx.softcap
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 flex_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""The plan checks: ``overlap`` (static, before the run) and the observers that watch a
+"""The plan checks: ``overlap`` and ``unmatched_filter`` (static, before the run) and the observers that watch a
 dry run handler by handler: ``order``, ``clobber`` and ``no_match``.
 
 An observer's :meth:`~Observer.after_handler` is called after each handler has applied
@@ -8,14 +8,23 @@ its rules, while the rewrite is still one open transaction: replaced nodes are r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+import fnmatch
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from torch import fx
 
 from torchgraft.ir.matcher import explain, find_matches
 from torchgraft.ir.pattern import target_name
-from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
+from torchgraft.ir.provenance import (
+    META_KEY,
+    describe,
+    module_fqn,
+    module_glob,
+    module_stack,
+    user_source,
+)
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
 from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.unify import unifiable_nodes
@@ -97,6 +106,44 @@ def _overlap(a: Step, ra: Rule, b: Step, rb: Rule, shared: list[fx.Node]) -> Pro
         f"it (after = ('{a.name}',) on '{b.name}', or the reverse) or narrow a rule with "
         "include / exclude / where",
     )
+
+
+def find_unmatched_filters(graph: fx.Graph, steps: Sequence[Step]) -> list[Problem]:
+    """``unmatched_filter``: a module FQN glob of a handler that matches no module of the
+    graph (a renamed module leaves a ``skip_fqns`` entry pointing at nothing, and the
+    module it meant is silently converted). Each problem has a did-you-mean over the
+    graph's module FQNs."""
+    fqns = sorted({fqn for node in graph.nodes for fqn in module_stack(node)})
+    names = sorted({*fqns, *(fqn.rsplit(".", 1)[-1] for fqn in fqns)})
+    problems = []
+    for step in steps:
+        for flt in step.handler.module_filters():
+            for glob in flt.globs:
+                if flt.sub_path:
+                    hit = any(module_glob(fqn, [glob]) for fqn in fqns)
+                else:
+                    hit = any(fnmatch.fnmatchcase(fqn, glob) for fqn in fqns)
+                if hit:
+                    continue
+                close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
+                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+                problems.append(
+                    Problem(
+                        "unmatched_filter",
+                        (step.name,),
+                        flt.rule,
+                        None,
+                        step.source,
+                        f"handler '{step.name}' {flt.name} glob {glob!r} matches no module of "
+                        f"the graph{hint} (modules: {_fqn_summary(fqns)})",
+                    )
+                )
+    return problems
+
+
+def _fqn_summary(fqns: list[str], limit: int = 8) -> str:
+    shown = ", ".join(fqns[:limit])
+    return shown + (f", ... ({len(fqns)} in all)" if len(fqns) > limit else "")
 
 
 def _created_by(node: fx.Node, handler: str) -> bool:

@@ -21,6 +21,7 @@ from torchgraft.passes.checks import (
     Observer,
     OrderCheck,
     find_overlaps,
+    find_unmatched_filters,
 )
 from torchgraft.passes.ordering import order_plan
 from torchgraft.passes.plan import HandlerEntry, HandlerSpec, Step, build_plan, instantiate
@@ -170,7 +171,9 @@ class PassManager:
         """Apply the plan with every check watching; ``report.problems`` holds all they found
         (``overlap`` first, found on the graph before the run). With ``gate``, refuse the
         problems ``allow`` does not accept: roll back and raise :class:`CheckError`."""
-        static = find_overlaps(gm.graph, self.ordering)
+        static = find_overlaps(gm.graph, self.ordering) + find_unmatched_filters(
+            gm.graph, self.steps
+        )
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),

@@ -20,6 +20,7 @@ ProblemKind = Literal[
     "no_match",
     "clobber",
     "numerics",
+    "unmatched_filter",
     "rewrite_error",
     "expect",
 ]
@@ -35,6 +36,8 @@ ProblemKind = Literal[
 * ``no_match``: a handler rewrote nothing and is not marked ``optional``.
 * ``clobber``: a handler rewrote nodes an earlier one created, without declaring ``after``.
 * ``numerics``: the verify stage measured an SQNR below the handler's tolerance.
+* ``unmatched_filter``: a module FQN glob of a handler (``skip_fqns``, a rule's
+  ``include`` / ``exclude``) matches no module of the graph (with a did-you-mean).
 * ``rewrite_error``: a replacement raised during the dry run.
 * ``expect``: the run differs from the expectation file of ``torchgraft check --expect``.
 """

@@ -73,3 +73,87 @@ def test_same_tensor_twice_is_captured_as_two_inputs():
     gm = tg.capture(model, (tokens, tokens))
     labels = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(gm(tokens, labels), model(tokens, labels))
+
+
+def _qwen2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def test_transformers_model_as_it_ships():
+    """Regression (issue 11): ``tg.capture(Qwen2ForCausalLM(...), (ids,))`` failed with
+    "Found DynamicCache in output". ``use_cache=False`` is set at capture and the graph
+    module is called with the token ids alone; it returns the model's ModelOutput."""
+    model = _qwen2()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = tg.capture(model, (ids,))
+    assert [n.target for n in gm.graph.find_nodes(op="placeholder")] == ["input_ids"]
+    out = gm(ids)
+    assert list(out.keys()) == ["logits"]
+    torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits)
+    with pytest.raises(ValueError):  # the fixed argument is not an input any more
+        gm(ids, use_cache=False)
+
+
+def test_an_explicit_use_cache_is_kept():
+    model = _qwen2()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = tg.capture(model, (ids,), {"use_cache": False})
+    torch.testing.assert_close(gm(ids, use_cache=False).logits, model(ids).logits)
+
+
+class _Cache:
+    def __init__(self, t):
+        self.t = t
+
+
+class ReturnsAnObject(nn.Module):
+    def forward(self, x):
+        return x * 2, _Cache(x)
+
+
+def test_unflattenable_output_gets_the_output_hint():
+    with pytest.raises(tg.CaptureError) as info:
+        tg.capture(ReturnsAnObject(), (torch.randn(2),))
+    message = str(info.value)
+    assert "cannot flatten" in message and "register_pytree_node" in message
+    assert "symbolic_trace" not in message
+
+
+@pytest.mark.parametrize("spec", ["dict", "tuple"])
+def test_dynamic_shapes_pass_through(spec):
+    from torch.export import Dim
+
+    model = _qwen2()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {0: Dim("batch", max=16)}
+    gm = tg.capture(
+        model, (ids,), dynamic_shapes={"input_ids": batch} if spec == "dict" else (batch,)
+    )
+    (placeholder,) = gm.graph.find_nodes(op="placeholder")
+    assert isinstance(placeholder.meta["val"].shape[0], torch.SymInt)
+    other = torch.randint(0, 64, (5, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gm(other).logits, model(other).logits)
+
+
+def test_specialized_dynamic_dimension_gets_the_dynamic_shapes_hint():
+    from torch.export import Dim
+
+    model = nn.Linear(8, 8)
+    with pytest.raises(tg.CaptureError, match="keep that dimension static"):
+        tg.capture(model, (torch.randn(2, 8),), dynamic_shapes=({1: Dim("features")},))
+
+
+def test_dynamic_shapes_need_export():
+    with pytest.raises(ValueError, match="method='export'"):
+        tg.capture(nn.ReLU(), (torch.randn(2),), method="symbolic_trace", dynamic_shapes=({},))

@@ -114,6 +114,26 @@ def test_block_masks_match_create_block_mask(q_len, kv_len):
             assert torch.equal(ours_idx[used], ref_idx[used]), name
 
 
+@pytest.mark.parametrize(("window", "softcap"), [(40, None), (None, 2.0), (40, 2.0)])
+def test_backward_op_with_window_and_softcap_matches_autograd(window, softcap):
+    q, k, v = _qkv(2, 4, 2, 150, 16, seed=13)
+    q = (q.detach() * 3).requires_grad_()  # scores large enough for the cap to bend them
+
+    def reference(q, k, v):
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = q @ k.transpose(-1, -2) * 16**-0.5
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        distance = torch.arange(150).view(-1, 1) - torch.arange(150).view(1, -1)
+        allowed = (distance >= 0) & (distance < (window or 150))
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    out, *expected = _out_and_grads(reference, q, k, v)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(99))
+    actual = ops.flex_attention_backward(grad_out, q, k, v, None, None, True, window, softcap)
+    _assert_all_close((out, *actual), (out, *expected))
+
+
 def test_opcheck():
     q, k, v = (t.requires_grad_() for t in _model_layout_qkv(seed=6))
     doc = document_ids(_packed_tokens(2, 16, [(0, 3), (1, 10)], seed=7), EOD)
@@ -244,3 +264,104 @@ def test_converted_graph_compiles_and_exports():
     assert targets.count(ops.flex_attention.default) == 2
     assert targets.count(ops.chunked_linear_cross_entropy.default) == 1
     torch.testing.assert_close(program.module()(tokens, labels), ref_loss)
+
+
+# ------------------------------------------------- explicit masks, as transformers exports them
+
+
+class ExplicitMaskAttention(nn.Module):
+    """Attention over ``[B, H, L, E]`` inputs with a mask built like ``transformers`` builds
+    it under export: from ``arange`` of the sequence length (``window``: sliding), or taken
+    from an input (``padding``), or an additive bias (``alibi``)."""
+
+    def __init__(self, kind: str, window: int = 4) -> None:
+        super().__init__()
+        self.kind, self.window = kind, window
+
+    def forward(self, q, k, v, padding):
+        length = q.shape[2]
+        i = torch.arange(length, device=q.device)
+        distance = i[:, None] - i[None, :]
+        mask = distance >= 0
+        if self.kind == "window":
+            mask = mask & (distance < self.window)
+        elif self.kind == "padding":
+            mask = mask & padding[:, None, None, :].bool()
+        elif self.kind == "full":
+            mask = torch.ones_like(mask)
+        if self.kind == "alibi":
+            bias = torch.where(mask, -0.5 * distance.float(), torch.finfo(q.dtype).min)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.expand(q.shape[0], 1, -1, -1)
+            )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(q.shape[0], 1, -1, -1))
+
+
+def _explicit(kind):
+    q, k, v = (t.detach() for t in _model_layout_qkv(seed=14))
+    padding = torch.ones(2, 16, dtype=torch.int64)
+    padding[1, 12:] = 0
+    return tg.capture(ExplicitMaskAttention(kind), (q, k, v, padding)), (q, k, v, padding)
+
+
+@pytest.mark.parametrize(("kind", "window"), [("causal", None), ("window", 4)])
+def test_shape_only_masks_are_evaluated_and_converted(kind, window):
+    gm, inputs = _explicit(kind)
+    expected = gm(*inputs)
+    report = tg.PassManager(["flex_attention"]).run(gm)
+    assert report.rule_matches["flex_attention"]["masked_sdpa"] == 1
+    (flex,) = gm.graph.find_nodes(op="call_function", target=ops.flex_attention.default)
+    assert flex.args[6] == window
+    torch.testing.assert_close(gm(*inputs), expected)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("padding", "the mask depends on the graph input 'padding'"),
+        ("alibi", "the mask adds a bias"),
+        ("full", "the mask allows every key (bidirectional attention)"),
+    ],
+)
+def test_other_masks_are_skipped_with_the_reason(kind, reason):
+    gm, _ = _explicit(kind)
+    handler = FlexAttention()
+    (skipped,) = handler.skipped(gm)
+    assert skipped.reason.startswith(reason)
+    assert "test_handler_flex_attention.py" in skipped.source
+
+
+def test_repeated_kv_heads_become_gqa():
+    """``transformers``' repeat_kv before SDPA: the op reads the kv heads themselves."""
+
+    class RepeatKV(nn.Module):
+        def forward(self, q, k, v):
+            def repeat(kv):
+                b, h, s, d = kv.shape
+                return kv[:, :, None].expand(b, h, 2, s, d).reshape(b, h * 2, s, d)
+
+            return F.scaled_dot_product_attention(q, repeat(k), repeat(v), is_causal=True)
+
+    q, _, _ = (t.detach() for t in _model_layout_qkv(seed=15))
+    k, v = (t.detach() for t in _qkv(2, 2, 2, 16, 16, seed=16)[1:])
+    gm = tg.capture(RepeatKV(), (q, k, v))
+    expected = gm(q, k, v)
+    report = tg.PassManager(["flex_attention"]).run(gm)
+    assert report.rule_matches["flex_attention"]["causal_sdpa_gqa"] == 1
+    (flex,) = gm.graph.find_nodes(op="call_function", target=ops.flex_attention.default)
+    assert flex.args[1].name == "k" and flex.args[5] is True
+    torch.testing.assert_close(gm(q, k, v), expected)
+
+
+def test_attention_dropout_is_skipped_with_the_reason():
+    class Eager(nn.Module):
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[2])
+            mask = torch.where(i[:, None] >= i[None, :], 0.0, float("-inf"))
+            scores = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+            probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), 0.1, True)
+            return torch.matmul(probs, v)
+
+    q, k, v = (t.detach() for t in _model_layout_qkv(seed=17))
+    (skipped,) = FlexAttention().skipped(tg.capture(Eager(), (q, k, v)))
+    assert "attention dropout p=0.1 while training" in skipped.reason
