@@ -242,12 +242,6 @@ def test_chunked_cross_entropy_matches_with_the_linear_handlers(zoo, arch):
     assert sqnr(loss, ref) > 20
 
 
-ZERO_GRADIENT_ALARM = (
-    "issue 11 item 6 (branch issue11b): the key-projection bias gradient is zero in exact "
-    "arithmetic, so verify compares rounding noise with noise (measured -2.6 to -9.8 dB)"
-)
-
-
 @pytest.mark.parametrize("handler", LINEAR_HANDLERS)
 @pytest.mark.parametrize("arch", list(ENCODERS))
 def test_encoder_and_vision_models_convert_every_linear_but_the_head(zoo, arch, handler):
@@ -264,15 +258,9 @@ def test_encoder_and_vision_models_convert_every_linear_but_the_head(zoo, arch, 
 
 
 @pytest.mark.parametrize("arch", list(ENCODERS))
-def test_encoder_and_vision_models_check(zoo, arch):
-    problems = tg.PassManager(["int8"]).check(zoo.encoder(arch).gm)
-    assert [p.kind for p in problems if p.kind != "numerics"] == []
-    assert all(".key.bias" in p.message or "k_proj.bias" in p.message for p in problems)
-
-
-@pytest.mark.xfail(strict=True, reason=ZERO_GRADIENT_ALARM)
-@pytest.mark.parametrize("arch", list(ENCODERS))
 def test_encoder_and_vision_models_check_clean(zoo, arch):
+    """The key-projection bias gradient is zero in exact arithmetic; verify judges it against
+    the gradients' scale, so it raises no alarm (it used to: -2.6 to -9.8 dB)."""
     assert tg.PassManager(["int8"]).check(zoo.encoder(arch).gm) == []
 
 
