@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import OptionError
@@ -22,10 +22,12 @@ from torchgraft.passes.checks import (
     OrderCheck,
     find_overlaps,
 )
+from torchgraft.passes.module_stage import convert_module
 from torchgraft.passes.ordering import order_plan
-from torchgraft.passes.plan import HandlerEntry, HandlerSpec, build_plan, instantiate
+from torchgraft.passes.plan import HandlerEntry, HandlerSpec, Step, build_plan, instantiate
 from torchgraft.passes.problems import CheckError, Problem, error_problem
 from torchgraft.passes.report import CheckResult, Report
+from torchgraft.passes.stages import claim_problems, schedule_problems, split_stages, stage_names
 from torchgraft.passes.verify import Verifier
 
 __all__ = ["HandlerSpec", "PassManager", "instantiate", "op_histogram"]
@@ -62,8 +64,12 @@ class PassManager:
         steps, problems = build_plan(handlers)
         self.ordering = order_plan(steps)
         self.steps = self.ordering.steps
-        self.problems: list[Problem] = problems + self.ordering.problems
+        self.problems: list[Problem] = (
+            problems + self.ordering.problems + schedule_problems(self.steps)
+        )
         """What is wrong with the plan itself: :meth:`run` refuses to run while non-empty."""
+        self.stages = split_stages(self.ordering)
+        """Stage → the ordering of that stage's handlers (stages the plan uses, flow order)."""
         self.verify = verify
         self.inputs = inputs
 
@@ -76,6 +82,10 @@ class PassManager:
     def order(self) -> list[str]:
         """Handler names in run order."""
         return self.ordering.names
+
+    def stage_steps(self, stage: str) -> list[Step]:
+        """The plan's steps that run at ``stage``, in run order."""
+        return self.stages[stage].steps if stage in self.stages else []
 
     def run(self, gm: fx.GraphModule) -> Report:
         """Rewrite ``gm`` in place; if anything raises, ``gm`` is left exactly as it was.
@@ -93,8 +103,25 @@ class PassManager:
             raise CheckError(verifier.problems)
         report = self._apply(gm, checks, verifier=verifier, gate=True)
         report.problems = [p for check in checks for p in check.problems]
-        report.skipped = {step.name: step.handler.skipped(gm) for step in self.steps}
+        report.skipped = {step.name: step.handler.skipped(gm) for step in self.stage_steps("graph")}
         report.seconds["recompile"] = _timed(gm.recompile)
+        return report
+
+    def convert_module(self, model: nn.Module) -> Report:
+        """Run the plan's ``module``-stage handlers on the eager ``model``, in place, before
+        capture; if one raises, ``model``'s submodules and parameters are put back. The
+        report counts the submodules each replaced or added (:mod:`~torchgraft.passes.module_stage`);
+        merge it into the graph run's with :meth:`Report.merge`. Example::
+
+            pm = tg.PassManager([{"lora": {"targets": ["layers.*.attention.w*"]}}, "float8"])
+            module_report = pm.convert_module(model)   # LoRA adapters, eager
+            gm = tg.capture(model, (tokens,))
+            report = pm.run(gm).merge(module_report)   # float8 on the captured graph
+        """
+        if self.problems:
+            raise CheckError(self.problems)
+        report = Report(order=self.order, stages=stage_names(self.steps))
+        convert_module(model, self.stage_steps("module"), report)
         return report
 
     def check(
@@ -127,7 +154,8 @@ class PassManager:
             report = self._apply(work, checks, verifier=verifier)
         except (RewriteError, OptionError) as exc:  # the plan fails on this graph
             return CheckResult(self.order, [error_problem(exc)])
-        problems = find_overlaps(gm.graph, self.ordering)
+        problems = find_overlaps(gm.graph, self.stages["graph"]) if "graph" in self.stages else []
+        problems += claim_problems(self.steps, list(work.named_parameters()))
         problems += [p for check in checks for p in check.problems] + verifier.problems
         return CheckResult(self.order, problems, report, op_histogram(work.graph))
 
@@ -138,15 +166,17 @@ class PassManager:
         *,
         verifier: Verifier | None = None,
         gate: bool = False,
+        stage: str = "graph",
     ) -> Report:
-        """Apply the plan in one transaction, calling the observers after each handler.
-        Roll back if anything raises, or if ``gate`` and the verifier found a problem."""
+        """Apply the plan's ``stage`` handlers in one transaction, calling the observers
+        after each handler. Roll back if anything raises, or if ``gate`` and the verifier
+        found a problem."""
         observers = [*checks, verifier] if verifier is not None else checks
         editor = GraphEditor(gm.graph)
         applier = RuleApplier(editor)
-        report = Report(order=self.order)
+        report = Report(order=self.order, stages=stage_names(self.steps))
         try:
-            for step in self.steps:
+            for step in self.stage_steps(stage):
                 start = time.perf_counter()
                 counts = report.rule_matches.setdefault(step.name, {})
                 records = []
