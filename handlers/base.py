@@ -177,10 +177,11 @@ class Handler:
         problem. Default: none."""
         return []
 
-    def lr_schedule(self) -> Callable[[int], float] | None:
-        """The LR factor as a function of the optimizer update step (0-based), replacing
-        the built-in warmup-cosine schedule; :meth:`lr_multiplier` factors still apply.
-        Two handlers supplying one are an ``overlap`` problem. Default: None (keep it)."""
+    def lr_schedule(self, total_steps: int) -> Callable[[int], float] | None:
+        """The LR factor as a function of the optimizer update step (0-based) of a run of
+        ``total_steps`` updates, replacing the built-in warmup-cosine schedule;
+        :meth:`lr_multiplier` factors still apply. A handler supplies a schedule by
+        overriding this; two in one plan are an ``overlap`` problem. Default: None."""
         return None
 
     def skipped(self, gm: fx.GraphModule) -> list[Skipped]:

@@ -7,5 +7,7 @@ from torchgraft.handlers import (  # noqa: F401  (imported to register the handl
     float8,
     int8,
     lora,
+    muon,
     mx,
+    wsd,
 )

@@ -113,12 +113,3 @@ def conflict_message(conflict: ClaimConflict) -> str:
         f"optimizers; only one optimizer can update a parameter. Narrow one claim (its "
         "params / exclude globs) or drop one handler"
     )
-
-
-def schedule_owners(handlers: Iterable[tuple[str, object]]) -> list[str]:
-    """Names of the handlers that supply an LR schedule (``lr_schedule()`` not None)."""
-    return [
-        name
-        for name, handler in handlers
-        if getattr(handler, "lr_schedule", None) is not None and handler.lr_schedule() is not None
-    ]

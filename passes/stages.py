@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import torch
 
-from torchgraft.handlers.base import STAGES
-from torchgraft.handlers.claims import conflict_message, resolve_claims, schedule_owners
+from torchgraft.handlers.base import STAGES, Handler
+from torchgraft.handlers.claims import conflict_message, resolve_claims
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
 
@@ -82,21 +82,31 @@ def stage_names(steps: Sequence[Step]) -> dict[str, list[str]]:
     return {stage: found for stage, found in names.items() if found}
 
 
+def optimizer_side(handler: Handler) -> bool:
+    """Whether ``handler`` supplies optimizer claims or an LR schedule (overrides
+    :meth:`~torchgraft.Handler.optimizer_claims` or :meth:`~torchgraft.Handler.lr_schedule`)."""
+    cls = type(handler)
+    return (
+        cls.optimizer_claims is not Handler.optimizer_claims
+        or cls.lr_schedule is not Handler.lr_schedule
+    )
+
+
 def schedule_problems(steps: Sequence[Step]) -> list[Problem]:
     """``overlap``: more than one handler supplies the LR schedule."""
-    owners = schedule_owners((s.name, s.handler) for s in steps)
+    owners = [s for s in steps if type(s.handler).lr_schedule is not Handler.lr_schedule]
     if len(owners) < 2:
         return []
-    sources = {s.name: s.source for s in steps}
+    names = [s.name for s in owners]
     return [
         Problem(
             "overlap",
-            tuple(owners),
+            tuple(names),
             None,
             None,
-            sources[owners[1]],
-            f"handlers {', '.join(repr(o) for o in owners)} each supply the LR schedule "
-            "(lr_schedule()); a run has one schedule. Keep one of them (the others can scale "
+            owners[1].source,
+            f"handlers {', '.join(repr(n) for n in names)} each supply the LR schedule "
+            "(lr_schedule); a run has one schedule. Keep one of them (the others can scale "
             "it with lr_multiplier)",
         )
     ]
@@ -105,10 +115,29 @@ def schedule_problems(steps: Sequence[Step]) -> list[Problem]:
 def claim_problems(
     steps: Sequence[Step], named_params: Sequence[tuple[str, torch.Tensor]]
 ) -> list[Problem]:
-    """``overlap``: parameters that two handlers claim for their optimizers."""
-    _, conflicts = resolve_claims([(s.name, s.handler) for s in steps], named_params)
+    """``overlap``: parameters that two handlers claim for their optimizers; ``no_match``:
+    a non-optional handler whose claims cover no parameter."""
+    owners, conflicts = resolve_claims([(s.name, s.handler) for s in steps], named_params)
     sources = {s.name: s.source for s in steps}
-    return [
+    problems = [
         Problem("overlap", c.handlers, None, None, sources[c.handlers[1]], conflict_message(c))
         for c in conflicts
     ]
+    claimed = {name for name, _ in owners.values()} | {n for c in conflicts for n in c.handlers}
+    for step in steps:
+        if step.optional or step.name in claimed or not step.handler.optimizer_claims():
+            continue
+        globs = [g for claim in step.handler.optimizer_claims() for g in claim.params]
+        problems.append(
+            Problem(
+                "no_match",
+                (step.name,),
+                None,
+                None,
+                step.source,
+                f"handler '{step.name}' claims no parameter for its optimizer (globs {globs}; "
+                f"parameters look like {[n for n, _ in named_params[:3]]}). Fix its globs, or "
+                f"mark it optional ({{{step.name}: {{optional: true}}}}) if that is expected",
+            )
+        )
+    return problems
