@@ -260,8 +260,13 @@ class Config:
         pm = self.pass_manager()
         if pm.problems:
             return CheckResult(pm.order, list(pm.problems))
+        module_report = pm.convert_module(model)  # the module stage runs before capture
         inputs = self.example_inputs()
-        return pm.dry_run(self.capture_model(model, inputs), inputs)
+        result = pm.dry_run(self.capture_model(model, inputs), inputs)
+        result.problems[:0] = module_report.problems
+        if result.report is not None:
+            result.report.merge(dataclasses.replace(module_report, problems=[]))
+        return result
 
     def _import(self, module: str, key: str) -> types.ModuleType:
         with self._search_path():

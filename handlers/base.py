@@ -184,6 +184,14 @@ class Handler:
         overriding this; two in one plan are an ``overlap`` problem. Default: None."""
         return None
 
+    def activation_policy(self, node: fx.Node) -> str | None:
+        """Joint stage: ``"save"`` or ``"recompute"`` to make the min-cut partitioner keep
+        forward op ``node``'s output for the backward or recompute it there, or None to
+        leave the choice to the partitioner. Called once per forward op node of the joint
+        graph, after the rules ran; the first handler of the plan with an opinion wins.
+        Default: None."""
+        return None
+
     def skipped(self, gm: fx.GraphModule) -> list[Skipped]:
         """Places in ``gm`` where this handler's rules match but :meth:`reject` refuses
         them (left alone, e.g. by ``skip_fqns`` or an unsupported shape), with the reason.

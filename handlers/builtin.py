@@ -9,5 +9,6 @@ from torchgraft.handlers import (  # noqa: F401  (imported to register the handl
     lora,
     muon,
     mx,
+    recompute,
     wsd,
 )

@@ -22,7 +22,7 @@ from torchgraft.ir.unify import unifiable_nodes
 from torchgraft.passes.ordering import Ordering
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem, error_problem
-from torchgraft.passes.stages import optimizer_side
+from torchgraft.passes.stages import works_without_rules
 
 
 class Observer(Protocol):
@@ -198,8 +198,12 @@ class NoMatchCheck:
         self.problems: list[Problem] = []
 
     def after_handler(self, step: Step, records: list[MatchRecord], editor: GraphEditor) -> None:
-        if records or step.optional or (not step.handler.rules() and optimizer_side(step.handler)):
-            return  # an optimizer-side handler without rules: checked by claim_problems
+        if (
+            records
+            or step.optional
+            or (not step.handler.rules() and works_without_rules(step.handler))
+        ):
+            return  # claims, schedules and activation policies are checked where they apply
         reasons, near = [], None
         for rule in step.handler.rules():
             anchor = rule.pattern.anchor

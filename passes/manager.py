@@ -124,6 +124,36 @@ class PassManager:
         convert_module(model, self.stage_steps("module"), report)
         return report
 
+    def joint_module(self, gm: fx.GraphModule, report: Report | None = None) -> nn.Module:
+        """``gm``'s training step run through its joint forward + backward graph, which the
+        plan's ``joint``-stage handlers rewrite when it is traced, on the first call
+        (:class:`~torchgraft.passes.joint.JointModule`); their matches are merged into
+        ``report`` then. Same parameters (objects and FQNs) as ``gm``; ``gm`` is not
+        changed. Without joint-stage handlers: ``gm`` itself. Example::
+
+            report = pm.run(gm)
+            step = pm.joint_module(gm, report)
+            step(tokens, labels).backward()      # report.matches now has the joint handlers
+        """
+        if self.problems:
+            raise CheckError(self.problems)
+        steps = self.stage_steps("joint")
+        if not steps:
+            return gm
+        from torchgraft.passes.joint import JointModule
+
+        if report is None:
+            report = Report(order=self.order, stages=stage_names(self.steps))
+        return JointModule(gm, lambda joint: self._rewrite(joint, "joint"), steps, report)
+
+    def _rewrite(self, gm: fx.GraphModule, stage: str) -> Report:
+        """Apply one stage's handlers to ``gm`` in place (no verify), with the clobber and
+        no-match checks; the caller recompiles."""
+        checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
+        report = self._apply(gm, checks, stage=stage)
+        report.problems = [p for check in checks for p in check.problems]
+        return report
+
     def check(
         self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | None = None
     ) -> list[Problem]:

@@ -92,6 +92,18 @@ def optimizer_side(handler: Handler) -> bool:
     )
 
 
+def policy_handler(handler: Handler) -> bool:
+    """Whether ``handler`` sets activation policies in the joint graph (overrides
+    :meth:`~torchgraft.Handler.activation_policy`)."""
+    return type(handler).activation_policy is not Handler.activation_policy
+
+
+def works_without_rules(handler: Handler) -> bool:
+    """Whether a rule-less ``handler`` does something a rule count does not show (its own
+    checks report when it does nothing): optimizer claims, a schedule, activation policies."""
+    return optimizer_side(handler) or policy_handler(handler)
+
+
 def schedule_problems(steps: Sequence[Step]) -> list[Problem]:
     """``overlap``: more than one handler supplies the LR schedule."""
     owners = [s for s in steps if type(s.handler).lr_schedule is not Handler.lr_schedule]

@@ -49,13 +49,14 @@ def run_job(
     config.import_modules()
     inputs = _capture_inputs(config, train_config)
     model = config.build_model()
+    pm = config.pass_manager(inputs)
+    module_report = pm.convert_module(model)  # module-stage handlers, before capture
     gm = config.capture_model(model, inputs)
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
 
         write_ir_dump(gm, list(config.handlers), dump_ir)
-    pm = config.pass_manager(inputs)
-    report = pm.run(gm)
+    report = pm.run(gm).merge(module_report)
     runnable = _parallelize_and_compile(config, gm)
     result = train(runnable, train_config, handlers=pm.handlers)
     baseline = None
@@ -140,6 +141,8 @@ def _metrics(
         "steps": result.steps,
         "losses": result.losses,
         "handlers": [{"name": name, "matches": count} for name, count in report.matches.items()],
+        "stages": report.stages,
+        "stage_matches": report.stage_matches(),
         "tokens_per_s": result.tokens_per_s,
         "skipped_steps": result.skipped_steps,
         "wall_s": result.wall_s,

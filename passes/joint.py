@@ -1,0 +1,180 @@
+"""The ``joint`` stage: rules over the joint forward + backward ATen graph of the step.
+
+:class:`JointModule` runs a captured graph module's training step through AOTAutograd
+(``aot_module_simplified``): on the first call it traces forward and backward into one
+ATen graph (``primals`` = parameters, buffers and inputs, ``tangents`` = output
+gradients), with the ops undecomposed as ATen's autograd formulas emit them (the
+backward of ``silu`` is ``aten.silu_backward``, of a linear two ``aten.mm``). The plan's
+``joint``-stage handlers rewrite that graph with the same rule machinery as the forward
+graph (one transaction, provenance, ``no_match`` / ``clobber`` checks) and may set the
+partitioner's save-or-recompute policy per forward node
+(:meth:`~torchgraft.Handler.activation_policy`). The min-cut partitioner then splits it
+into forward and backward graphs, run eagerly as one ``autograd.Function``.
+
+The module has the captured graph's parameters and buffers, the same objects under the
+same FQNs, so optimizers, checkpoints and hooks see the model's own. The step is traced
+for the first call's shapes (the captured graph's are static too); another shape raises.
+Backward nodes carry the forward module's FQN (``fwd_nn_module_stack``), which is copied
+to ``nn_module_stack`` so ``include`` / ``exclude`` / ``where`` filters and provenance work
+on them as on forward nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from functorch.compile import make_boxed_func
+from torch import fx, nn
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointPolicy
+
+from torchgraft.passes.plan import Step
+from torchgraft.passes.problems import Problem
+from torchgraft.passes.report import Report
+from torchgraft.passes.stages import policy_handler
+
+_POLICIES = {"save": CheckpointPolicy.MUST_SAVE, "recompute": CheckpointPolicy.MUST_RECOMPUTE}
+
+
+class JointModule(nn.Module):
+    """A graph module whose training step runs through its rewritten joint graph.
+
+    ``rewrite(joint)`` applies the joint-stage handlers to the traced joint graph in place
+    and returns their report, which is merged into ``report`` when the step is traced.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        rewrite: Callable[[fx.GraphModule], Report],
+        steps: list[Step],
+        report: Report,
+    ) -> None:
+        super().__init__()
+        for name, child in gm.named_children():
+            self.add_module(name, child)
+        for name, param in gm._parameters.items():
+            self.register_parameter(name, param)
+        for name, buffer in gm._buffers.items():
+            self.register_buffer(name, buffer)
+        codegen = gm.graph._codegen
+        self._out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+        self.__dict__["_flat"] = _flat_outputs(gm)  # not a submodule: no second FQN prefix
+        self._rewrite, self._steps, self.report = rewrite, steps, report
+        self._compiled: Callable[..., Any] | None = None
+        self._shapes: list[tuple[int, ...]] | None = None
+        self.joint_graph: fx.GraphModule | None = None
+        """The rewritten joint graph, once traced (for inspection)."""
+        self.partitioned: tuple[fx.GraphModule, fx.GraphModule] | None = None
+        """The forward and backward graphs the partitioner made of it."""
+
+    def forward(self, *args: Any) -> Any:
+        flat = pytree.arg_tree_leaves(*args)
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in flat]
+        if self._compiled is None:
+            self._shapes = shapes
+            self._compiled = aot_module_simplified(
+                self._flat,
+                flat,
+                fw_compiler=self._keep,
+                bw_compiler=self._keep,
+                partition_fn=self._partition,
+            )
+        elif shapes != self._shapes:
+            raise ValueError(
+                f"the joint step was traced for inputs {self._shapes} and is called with "
+                f"{shapes}; capture and convert again for other shapes"
+            )
+        outputs = list(self._compiled(*flat))
+        if self._out_spec is not None:
+            return pytree.tree_unflatten(outputs, self._out_spec)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    @staticmethod
+    def _keep(gm: fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        return make_boxed_func(gm.forward)
+
+    def _partition(
+        self, joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        for node in joint.graph.nodes:
+            if "nn_module_stack" not in node.meta and "fwd_nn_module_stack" in node.meta:
+                node.meta["nn_module_stack"] = node.meta["fwd_nn_module_stack"]
+        stage_report = self._rewrite(joint)
+        stage_report.stages = {}
+        policies, problems = _apply_policies(joint, self._steps)
+        for name, count in policies.items():
+            stage_report.rule_matches.setdefault(name, {})["activation_policy"] = count
+        stage_report.problems += problems
+        joint.graph.eliminate_dead_code()
+        joint.recompile()
+        self.report.merge(stage_report)
+        self.joint_graph = joint
+        self.partitioned = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        return self.partitioned
+
+
+def _flat_outputs(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph module sharing ``gm``'s parameters whose forward takes the flat inputs and
+    returns the flat outputs as a tuple (what AOTAutograd traces)."""
+    graph = copy.deepcopy(gm.graph)
+    graph.set_codegen(fx.graph.CodeGen())
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users:  # export's input guards
+            graph.erase_node(node)
+    output = graph.output_node()
+    if not isinstance(output.args[0], (tuple, list)):
+        output.args = ((output.args[0],),)
+    return fx.GraphModule(gm, graph)
+
+
+def _apply_policies(
+    joint: fx.GraphModule, steps: list[Step]
+) -> tuple[dict[str, int], list[Problem]]:
+    """Ask each step's ``activation_policy`` about every forward op node (one that does not
+    depend on a tangent) and tag it for the partitioner; the first handler with an opinion
+    wins. Returns the tags per handler, and a ``no_match`` problem per non-optional handler
+    that tagged nothing."""
+    deciders = [s for s in steps if policy_handler(s.handler)]
+    counts = {s.name: 0 for s in deciders}
+    backward: set[fx.Node] = set()
+    for node in joint.graph.nodes:
+        if (node.op == "placeholder" and "tangents" in node.name) or any(
+            a in backward for a in node.all_input_nodes
+        ):
+            backward.add(node)
+    for node in joint.graph.nodes:
+        if node.op != "call_function" or node in backward or not deciders:
+            continue
+        for step in deciders:
+            policy = step.handler.activation_policy(node)
+            if policy is None:
+                continue
+            if policy not in _POLICIES:
+                raise ValueError(
+                    f"handler '{step.name}'.activation_policy returned {policy!r} for node "
+                    f"'{node.name}'; expected 'save', 'recompute' or None"
+                )
+            node.meta["recompute"] = _POLICIES[policy]
+            node.meta["ac_graph_id"] = 1
+            counts[step.name] += 1
+            break
+    problems = [
+        Problem(
+            "no_match",
+            (step.name,),
+            "activation_policy",
+            None,
+            step.source,
+            f"handler '{step.name}' (stage 'joint') set the policy of no forward node. Mark it "
+            f"optional ({{{step.name}: {{optional: true}}}}) if that is expected",
+        )
+        for step in deciders
+        if not counts[step.name] and not step.optional
+    ]
+    return counts, problems
