@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -145,6 +146,36 @@ class PassManager:
         if report is None:
             report = Report(order=self.order, stages=stage_names(self.steps))
         return JointModule(gm, lambda joint: self._rewrite(joint, "joint"), steps, report)
+
+    def compile_module(
+        self, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
+    ) -> nn.Module:
+        """``torch.compile(module)`` with the plan's ``compile``-stage handlers installed as
+        Inductor's post-grad custom pass for this compile, composed with a pass the user
+        already installed (:mod:`~torchgraft.passes.compile_stage`); their matches are
+        merged into ``report`` whenever Inductor compiles a graph (not on an FX graph
+        cache hit). Without compile-stage handlers it is a plain ``torch.compile``."""
+        if self.problems:
+            raise CheckError(self.problems)
+        steps = self.stage_steps("compile")
+        if not steps:
+            return torch.compile(module, **compile_kwargs)
+        import torch._inductor.config as inductor_config
+
+        from torchgraft.passes.compile_stage import CONFIG_KEY, CompileStagePass
+
+        if report is None:
+            report = Report(order=self.order, stages=stage_names(self.steps))
+        options = dict(compile_kwargs.pop("options", None) or {})
+        previous = options.get(CONFIG_KEY, getattr(inductor_config, CONFIG_KEY))
+        options[CONFIG_KEY] = CompileStagePass(
+            steps,
+            lambda owner: self._rewrite(owner, "compile"),
+            report,
+            stage_names(self.steps),
+            previous,
+        )
+        return torch.compile(module, options=options, **compile_kwargs)
 
     def _rewrite(self, gm: fx.GraphModule, stage: str) -> Report:
         """Apply one stage's handlers to ``gm`` in place (no verify), with the clobber and
