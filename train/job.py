@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from torchgraft.config import Config, ConfigError
+from torchgraft.passes import PassManager
+from torchgraft.passes.compile_stage import cache_counts
 from torchgraft.passes.parallelize import data_parallel_degree, parallelize
 from torchgraft.passes.report import Report
 from torchgraft.train.config import TrainConfig
@@ -50,6 +52,7 @@ def run_job(
     inputs = _capture_inputs(config, train_config)
     model = config.build_model()
     pm = config.pass_manager(inputs)
+    check_stages(config, pm)
     module_report = pm.convert_module(model)  # module-stage handlers, before capture
     gm = config.capture_model(model, inputs)
     if dump_ir is not None:
@@ -57,13 +60,17 @@ def run_job(
 
         write_ir_dump(gm, list(config.handlers), dump_ir)
     report = pm.run(gm).merge(module_report)
-    runnable = _parallelize_and_compile(config, gm)
+    cache_before = cache_counts()
+    runnable = _parallelize_and_compile(config, pm.joint_module(gm, report), pm, report)
     result = train(runnable, train_config, handlers=pm.handlers)
+    cache = {k: v - cache_before[k] for k, v in cache_counts().items()}
     baseline = None
     if config.train.compare_baseline:
         baseline_gm = config.capture_model(config.build_model(), inputs)
         baseline = train(_parallelize_and_compile(config, baseline_gm), train_config)
     metrics = _metrics(config, report, result, baseline, train_config)
+    if config.compile.enabled:
+        metrics["compile"] = cache
     if not is_main_process():
         return JobResult(out, report, result, baseline, metrics)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,13 +127,45 @@ def _capture_inputs(config: Config, train_config: TrainConfig) -> tuple[torch.Te
     return tuple(t[: train_config.batch_size // dp] for t in inputs)
 
 
-def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:
+def _parallelize_and_compile(
+    config: Config, gm: nn.Module, pm: PassManager | None = None, report: Report | None = None
+) -> nn.Module:
+    """Parallelize and compile as the config says; ``pm``'s compile-stage handlers run
+    inside the compile (matches merged into ``report``)."""
     module: nn.Module = gm
     if config.parallel.enabled:
         module = parallelize(gm, config.parallel)
     if config.compile.enabled:
-        module = torch.compile(module)
+        module = pm.compile_module(module, report) if pm is not None else torch.compile(module)
     return module
+
+
+def check_stages(config: Config, pm: PassManager) -> None:
+    """Refuse stage combinations this job cannot run, naming the handlers and config keys."""
+
+    def names(stage: str) -> str:
+        return ", ".join(f"'{s.name}'" for s in pm.stage_steps(stage))
+
+    if "joint" in pm.stages and config.parallel.enabled:
+        raise ConfigError(
+            f"handler(s) {names('joint')} run at stage 'joint', which cannot be combined with "
+            "tensor parallelism or FSDP yet (the joint step is traced over plain tensors); set "
+            "parallel.tp: 1 and parallel.fsdp: false, or drop those handlers",
+            config.locations.get("parallel"),
+        )
+    if "joint" in pm.stages and config.compile.enabled:
+        raise ConfigError(
+            f"handler(s) {names('joint')} run at stage 'joint', whose partitioned forward and "
+            "backward graphs run eagerly: compile.enabled is not supported with them yet; set "
+            "compile.enabled: false, or drop those handlers",
+            config.locations.get("compile"),
+        )
+    if "compile" in pm.stages and not config.compile.enabled:
+        raise ConfigError(
+            f"handler(s) {names('compile')} run at stage 'compile' (inside torch.compile) but "
+            "compile.enabled is false, so they would never run; set compile: {enabled: true}",
+            config.locations.get("compile") or config.locations.get("handlers"),
+        )
 
 
 def _metrics(
