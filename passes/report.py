@@ -110,7 +110,6 @@ class CheckResult:
             "ok": self.ok,
             "order": self.order,
             "matches": self.matches,
-            "stages": self.report.stages if self.report else {},
             "problems": [p.to_dict() for p in self.problems],
         }
 
