@@ -254,7 +254,9 @@ class Config:
 
     def check(self) -> CheckResult:
         """What ``torchgraft check`` does: import, build the model, and unless the plan
-        itself has problems, capture and dry-run every check (numerics always verified)."""
+        itself has problems, run the module stage on it, capture and dry-run every check
+        (numerics always verified); a plan with joint-stage handlers also traces one joint
+        step of the converted graph (their matches and problems are added)."""
         self.import_modules()
         model = self.build_model()
         pm = self.pass_manager()
@@ -266,6 +268,20 @@ class Config:
         result.problems[:0] = module_report.problems
         if result.report is not None:
             result.report.merge(dataclasses.replace(module_report, problems=[]))
+            if "joint" in pm.stages and result.ok:  # trace one joint step of the converted graph
+                gm = self.capture_model(model, inputs)
+                joint_report = pm.run(gm)
+                pm.joint_module(gm, joint_report)(*inputs)
+                result.report.merge(
+                    dataclasses.replace(
+                        joint_report,
+                        rule_matches={
+                            s.name: joint_report.rule_matches.get(s.name, {})
+                            for s in pm.stage_steps("joint")
+                        },
+                    )
+                )
+                result.problems += joint_report.problems
         return result
 
     def _import(self, module: str, key: str) -> types.ModuleType:

@@ -23,3 +23,18 @@ class TCompileRelu(tg.Handler):
     @relu.replacement
     def _(x):
         return aten.clamp_min.default(x, 0.0)
+
+
+@tg.register_handler("t_joint_gelu_backward")
+class TJointGeluBackward(tg.Handler):
+    """Joint stage: a rule on ``gelu_backward``, which the tiny Llama (SiLU) never has."""
+
+    stage = "joint"
+
+    @tg.rule
+    def gelu_backward(grad, x):
+        return aten.gelu_backward.default(grad, x)
+
+    @gelu_backward.replacement
+    def _(grad, x):
+        return grad

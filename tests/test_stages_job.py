@@ -65,3 +65,11 @@ def test_unsupported_stage_combinations_are_refused(tmp_path):
     path = config(tmp_path, handlers="  - t_compile_relu\n")
     with pytest.raises(ConfigError, match="stage 'compile'.*compile.enabled is false"):
         run_job(parse_config(path.read_text(), path))
+
+
+def test_check_traces_the_joint_stage(tmp_path):
+    path = config(tmp_path, handlers="  - selective_recompute\n  - t_joint_gelu_backward\n")
+    result = parse_config(path.read_text(), path).check()
+    assert [p.kind for p in result.problems] == ["no_match"]
+    assert result.problems[0].handlers == ("t_joint_gelu_backward",)
+    assert result.matches["selective_recompute"] > 50
