@@ -269,19 +269,11 @@ class Config:
         if result.report is not None:
             result.report.merge(dataclasses.replace(module_report, problems=[]))
             if "joint" in pm.stages and result.ok:  # trace one joint step of the converted graph
-                gm = self.capture_model(model, inputs)
-                joint_report = pm.run(gm)
-                pm.joint_module(gm, joint_report)(*inputs)
-                result.report.merge(
-                    dataclasses.replace(
-                        joint_report,
-                        rule_matches={
-                            s.name: joint_report.rule_matches.get(s.name, {})
-                            for s in pm.stage_steps("joint")
-                        },
-                    )
-                )
+                from torchgraft.passes.joint import check_joint
+
+                joint_report = check_joint(pm, self.capture_model(model, inputs), inputs)
                 result.problems += joint_report.problems
+                result.report.merge(dataclasses.replace(joint_report, problems=[]))
         return result
 
     def _import(self, module: str, key: str) -> types.ModuleType:

@@ -22,8 +22,8 @@ on them as on forward nodes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from functorch.compile import make_boxed_func
@@ -33,10 +33,14 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
+if TYPE_CHECKING:
+    from torchgraft.passes.manager import PassManager
+
 from torchgraft.passes.plan import Step
-from torchgraft.passes.problems import Problem
+from torchgraft.passes.problems import CheckError, Problem
 from torchgraft.passes.report import Report
 from torchgraft.passes.stages import policy_handler
+from torchgraft.passes.verify import Verifier, _exact_tolerance, _worst
 
 _POLICIES = {"save": CheckpointPolicy.MUST_SAVE, "recompute": CheckpointPolicy.MUST_RECOMPUTE}
 
@@ -178,3 +182,50 @@ def _apply_policies(
         if not counts[step.name] and not step.optional
     ]
     return counts, problems
+
+
+def verify_joint(
+    gm: fx.GraphModule, step: JointModule, inputs: Sequence[torch.Tensor] | None = None
+) -> list[Problem]:
+    """``numerics``: the joint step's outputs and parameter gradients against ``gm``'s
+    eager step on the same inputs (default: random ones), held to the joint handlers'
+    tightest ``sqnr_tolerance`` (exact-rewrite rounding room when none declares one).
+    Traces ``step`` if it was not yet called."""
+    verifier = Verifier(gm, inputs)
+    if verifier.reference is None:
+        return verifier.problems
+    current = verifier._measure(step)
+    db, worst = _worst(current, verifier.reference)
+    declared = [s.handler.sqnr_tolerance for s in step._steps]
+    declared = [t for t in declared if t is not None]
+    tolerance = min(declared) if declared else _exact_tolerance(verifier.reference)
+    if db >= tolerance:
+        return []
+    names = tuple(s.name for s in step._steps)
+    return [
+        Problem(
+            "numerics",
+            names,
+            None,
+            None,
+            None,
+            f"the joint step rewritten by {', '.join(repr(n) for n in names)} gives the {worst} "
+            f"an SQNR of {db:.1f} dB against the captured graph's eager step, below the "
+            f"{tolerance:.1f} dB required",
+        )
+    ]
+
+
+def check_joint(pm: PassManager, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Report:
+    """What ``torchgraft check`` does for the joint stage: convert ``gm`` (a fresh capture)
+    with the graph stage, trace its joint step on ``inputs`` and verify it. Returns the
+    joint handlers' matches with every problem found (``no_match``, ``clobber``,
+    ``numerics``)."""
+    graph_report = pm.run(gm)
+    report = Report(order=graph_report.order, stages=graph_report.stages)
+    try:  # a verifying manager checks the numerics itself, and raises
+        step = pm.joint_module(gm, report)
+        report.problems += [] if pm.verify else verify_joint(gm, step, inputs)
+    except CheckError as exc:
+        report.problems += exc.problems
+    return report

@@ -130,7 +130,10 @@ class PassManager:
         plan's ``joint``-stage handlers rewrite when it is traced, on the first call
         (:class:`~torchgraft.passes.joint.JointModule`); their matches are merged into
         ``report`` then. Same parameters (objects and FQNs) as ``gm``; ``gm`` is not
-        changed. Without joint-stage handlers: ``gm`` itself. Example::
+        changed. With ``verify=True`` the step is traced at once and its outputs and
+        gradients compared with ``gm``'s (:func:`~torchgraft.passes.joint.verify_joint`;
+        :class:`CheckError` below tolerance). Without joint-stage handlers: ``gm`` itself.
+        Example::
 
             report = pm.run(gm)
             step = pm.joint_module(gm, report)
@@ -145,7 +148,14 @@ class PassManager:
 
         if report is None:
             report = Report(order=self.order, stages=stage_names(self.steps))
-        return JointModule(gm, lambda joint: self._rewrite(joint, "joint"), steps, report)
+        step = JointModule(gm, lambda joint: self._rewrite(joint, "joint"), steps, report)
+        if self.verify:  # trace now and compare with gm's eager step
+            from torchgraft.passes.joint import verify_joint
+
+            problems = verify_joint(gm, step, self.inputs)
+            if problems:
+                raise CheckError(problems)
+        return step
 
     def compile_module(
         self, module: nn.Module, report: Report | None = None, **compile_kwargs: Any

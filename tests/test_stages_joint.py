@@ -151,3 +151,27 @@ def test_selective_recompute_saves_less_and_keeps_the_gradients():
     everything = tg.PassManager([{"selective_recompute": {"save": []}}]).joint_module(gm)
     everything(*args).backward()
     assert saved_bytes(everything) < saved_bytes(step)
+
+
+class SiluBackwardWrong(tg.Handler):
+    """Drops the derivative: ``silu_backward(g, x)`` → ``g``."""
+
+    stage = "joint"
+
+    @tg.rule
+    def silu_backward(grad, x):
+        return aten.silu_backward.default(grad, x)
+
+    @silu_backward.replacement
+    def _(grad, x):
+        return aten.mul.Tensor(grad, 1.0)
+
+
+def test_joint_numerics_are_verified():
+    _, gm = captured()
+    args = inputs(3)
+    good = tg.PassManager([SiluBackwardByFormula], verify=True, inputs=args).joint_module(gm)
+    assert isinstance(good, JointModule) and good.joint_graph is not None  # traced to verify
+    with pytest.raises(tg.CheckError, match=r"\[numerics\] SiluBackwardWrong") as error:
+        tg.PassManager([SiluBackwardWrong], verify=True, inputs=args).joint_module(gm)
+    assert "gradient of model.layers" in str(error.value)
