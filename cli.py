@@ -301,6 +301,7 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
         for attribute in ("requires", "after", "before")
         if getattr(cls, attribute)
     ]
+    lines.append(f"  stage: {cls.stage}")
     lines.append(f"  order: {'; '.join(order) or 'no constraints'}")
     tolerance = cls.sqnr_tolerance
     lines.append(f"  sqnr tolerance: {'exact' if tolerance is None else f'{tolerance} dB'}")

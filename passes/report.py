@@ -75,6 +75,10 @@ class Report:
                 ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
             )
         text = table(rows)
+        if set(self.stages) - {"graph"}:
+            text += "\nstages: " + "; ".join(
+                f"{stage}: {', '.join(names)}" for stage, names in self.stages.items()
+            )
         for name, skipped in self.skipped.items():
             if skipped:
                 text += f"\n{name} left {len(skipped)} alone:"
