@@ -69,7 +69,7 @@ class JointModule(nn.Module):
         codegen = gm.graph._codegen
         self._out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
         self.__dict__["_flat"] = _flat_outputs(gm)  # not a submodule: no second FQN prefix
-        self._rewrite, self._steps, self.report = rewrite, steps, report
+        self._rewrite, self.steps, self.report = rewrite, steps, report
         self._compiled: Callable[..., Any] | None = None
         self._shapes: list[tuple[int, ...]] | None = None
         self.joint_graph: fx.GraphModule | None = None
@@ -111,7 +111,7 @@ class JointModule(nn.Module):
                 node.meta["nn_module_stack"] = node.meta["fwd_nn_module_stack"]
         stage_report = self._rewrite(joint)
         stage_report.stages = {}
-        policies, problems = _apply_policies(joint, self._steps)
+        policies, problems = _apply_policies(joint, self.steps)
         for name, count in policies.items():
             stage_report.rule_matches.setdefault(name, {})["activation_policy"] = count
         stage_report.problems += problems
@@ -196,12 +196,12 @@ def verify_joint(
         return verifier.problems
     current = verifier._measure(step)
     db, worst = _worst(current, verifier.reference)
-    declared = [s.handler.sqnr_tolerance for s in step._steps]
+    declared = [s.handler.sqnr_tolerance for s in step.steps]
     declared = [t for t in declared if t is not None]
     tolerance = min(declared) if declared else _exact_tolerance(verifier.reference)
     if db >= tolerance:
         return []
-    names = tuple(s.name for s in step._steps)
+    names = tuple(s.name for s in step.steps)
     return [
         Problem(
             "numerics",

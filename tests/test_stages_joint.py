@@ -175,3 +175,30 @@ def test_joint_numerics_are_verified():
     with pytest.raises(tg.CheckError, match=r"\[numerics\] SiluBackwardWrong") as error:
         tg.PassManager([SiluBackwardWrong], verify=True, inputs=args).joint_module(gm)
     assert "gradient of model.layers" in str(error.value)
+
+
+class SigmoidByExp(tg.Handler):
+    """``sigmoid(x)`` → ``1 / (1 + exp(-x))``: rewrites what ``SiluBackwardByFormula`` made."""
+
+    stage = "joint"
+
+    @tg.rule
+    def sigmoid(x):
+        return aten.sigmoid.default(x)
+
+    @sigmoid.replacement
+    def _(x):
+        return aten.reciprocal.default(aten.add.Tensor(aten.exp.default(aten.neg.default(x)), 1))
+
+
+def test_clobber_is_checked_within_the_joint_stage():
+    _, gm = captured()
+    report = Report(order=[])
+    tg.PassManager([SiluBackwardByFormula, SigmoidByExp]).joint_module(gm, report)(*inputs())
+    assert [p.kind for p in report.problems] == ["clobber"]
+    assert report.problems[0].handlers == ("SiluBackwardByFormula", "SigmoidByExp")
+    declared = type("SigmoidAfter", (SigmoidByExp,), {"after": ("SiluBackwardByFormula",)})
+    report = Report(order=[])
+    tg.PassManager([SiluBackwardByFormula, declared]).joint_module(gm, report)(*inputs())
+    assert report.problems == [] and report.matches == {}
+    assert report.rule_matches["SigmoidAfter"] == {"sigmoid": 2}
