@@ -21,15 +21,21 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import fx
+import torch._inductor.config as inductor_config
+from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from torchgraft.handlers.base import Handler
 from torchgraft.passes.plan import Step
+from torchgraft.passes.problems import CheckError
 from torchgraft.passes.report import Report
+from torchgraft.passes.stages import stage_names
+
+if TYPE_CHECKING:
+    from torchgraft.passes.manager import PassManager
 
 CONFIG_KEY = "post_grad_custom_post_pass"
 """The Inductor config entry the pass is installed under."""
@@ -88,11 +94,6 @@ def _source(cls: type) -> str:
         return ""
 
 
-def inductor_options(pass_: CompileStagePass) -> dict[str, Any]:
-    """``torch.compile(..., options=...)`` installing ``pass_`` for that compile only."""
-    return {CONFIG_KEY: pass_}
-
-
 def cache_counts() -> dict[str, int]:
     """Inductor's FX graph cache hits and misses so far in this process."""
     from torch._dynamo.utils import counters
@@ -102,3 +103,28 @@ def cache_counts() -> dict[str, int]:
         "cache_hits": inductor["fxgraph_cache_hit"],
         "cache_misses": inductor["fxgraph_cache_miss"],
     }
+
+
+def compile_with_stage(
+    pm: PassManager, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
+) -> nn.Module:
+    """:meth:`PassManager.compile_module`: ``torch.compile`` with ``pm``'s compile-stage
+    handlers installed for this compile (composed with the pass already configured or given
+    in ``options``), or a plain ``torch.compile`` without them."""
+    if pm.problems:
+        raise CheckError(pm.problems)
+    steps = pm.stage_steps("compile")
+    if not steps:
+        return torch.compile(module, **compile_kwargs)
+    if report is None:
+        report = Report(order=pm.order, stages=stage_names(pm.steps))
+    options = dict(compile_kwargs.pop("options", None) or {})
+    previous = options.get(CONFIG_KEY, getattr(inductor_config, CONFIG_KEY))
+    options[CONFIG_KEY] = CompileStagePass(
+        steps,
+        lambda owner: pm.rewrite_stage(owner, "compile"),
+        report,
+        stage_names(pm.steps),
+        previous,
+    )
+    return torch.compile(module, options=options, **compile_kwargs)

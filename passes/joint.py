@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import CheckError, Problem
 from torchgraft.passes.report import Report
-from torchgraft.passes.stages import policy_handler
+from torchgraft.passes.stages import policy_handler, stage_names
 from torchgraft.passes.verify import Verifier, _exact_tolerance, _worst
 
 _POLICIES = {"save": CheckpointPolicy.MUST_SAVE, "recompute": CheckpointPolicy.MUST_RECOMPUTE}
@@ -229,3 +229,21 @@ def check_joint(pm: PassManager, gm: fx.GraphModule, inputs: Sequence[torch.Tens
     except CheckError as exc:
         report.problems += exc.problems
     return report
+
+
+def joint_step(pm: PassManager, gm: fx.GraphModule, report: Report | None = None) -> nn.Module:
+    """:meth:`PassManager.joint_module`: the :class:`JointModule` of ``pm``'s joint-stage
+    handlers over ``gm`` (verified at once when ``pm.verify``), or ``gm`` without them."""
+    if pm.problems:
+        raise CheckError(pm.problems)
+    steps = pm.stage_steps("joint")
+    if not steps:
+        return gm
+    if report is None:
+        report = Report(order=pm.order, stages=stage_names(pm.steps))
+    step = JointModule(gm, lambda joint: pm.rewrite_stage(joint, "joint"), steps, report)
+    if pm.verify:  # trace now and compare with gm's eager step
+        problems = verify_joint(gm, step, pm.inputs)
+        if problems:
+            raise CheckError(problems)
+    return step

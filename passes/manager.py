@@ -139,23 +139,9 @@ class PassManager:
             step = pm.joint_module(gm, report)
             step(tokens, labels).backward()      # report.matches now has the joint handlers
         """
-        if self.problems:
-            raise CheckError(self.problems)
-        steps = self.stage_steps("joint")
-        if not steps:
-            return gm
-        from torchgraft.passes.joint import JointModule
+        from torchgraft.passes.joint import joint_step
 
-        if report is None:
-            report = Report(order=self.order, stages=stage_names(self.steps))
-        step = JointModule(gm, lambda joint: self._rewrite(joint, "joint"), steps, report)
-        if self.verify:  # trace now and compare with gm's eager step
-            from torchgraft.passes.joint import verify_joint
-
-            problems = verify_joint(gm, step, self.inputs)
-            if problems:
-                raise CheckError(problems)
-        return step
+        return joint_step(self, gm, report)
 
     def compile_module(
         self, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
@@ -165,31 +151,14 @@ class PassManager:
         already installed (:mod:`~torchgraft.passes.compile_stage`); their matches are
         merged into ``report`` whenever Inductor compiles a graph (not on an FX graph
         cache hit). Without compile-stage handlers it is a plain ``torch.compile``."""
-        if self.problems:
-            raise CheckError(self.problems)
-        steps = self.stage_steps("compile")
-        if not steps:
-            return torch.compile(module, **compile_kwargs)
-        import torch._inductor.config as inductor_config
+        from torchgraft.passes.compile_stage import compile_with_stage
 
-        from torchgraft.passes.compile_stage import CONFIG_KEY, CompileStagePass
+        return compile_with_stage(self, module, report, **compile_kwargs)
 
-        if report is None:
-            report = Report(order=self.order, stages=stage_names(self.steps))
-        options = dict(compile_kwargs.pop("options", None) or {})
-        previous = options.get(CONFIG_KEY, getattr(inductor_config, CONFIG_KEY))
-        options[CONFIG_KEY] = CompileStagePass(
-            steps,
-            lambda owner: self._rewrite(owner, "compile"),
-            report,
-            stage_names(self.steps),
-            previous,
-        )
-        return torch.compile(module, options=options, **compile_kwargs)
-
-    def _rewrite(self, gm: fx.GraphModule, stage: str) -> Report:
-        """Apply one stage's handlers to ``gm`` in place (no verify), with the clobber and
-        no-match checks; the caller recompiles."""
+    def rewrite_stage(self, gm: fx.GraphModule, stage: str) -> Report:
+        """Apply one stage's handlers to ``gm`` in place as one transaction (no verify),
+        with the clobber and no-match checks; the caller recompiles. Used by the joint and
+        compile stages on the graphs they are handed."""
         checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
         report = self._apply(gm, checks, stage=stage)
         report.problems = [p for check in checks for p in check.problems]
