@@ -118,7 +118,7 @@ class JointModule(nn.Module):
         joint.graph.eliminate_dead_code()
         joint.recompile()
         self.report.merge(stage_report)
-        self.joint_graph = joint
+        self.__dict__["joint_graph"] = joint  # not a submodule: state_dict stays the model's
         self.partitioned = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
         return self.partitioned
 

@@ -202,3 +202,28 @@ def test_clobber_is_checked_within_the_joint_stage():
     tg.PassManager([SiluBackwardByFormula, declared]).joint_module(gm, report)(*inputs())
     assert report.problems == [] and report.matches == {}
     assert report.rule_matches["SigmoidAfter"] == {"sigmoid": 2}
+
+
+def test_joint_step_checkpoints_and_resumes_exactly(tmp_path):
+    def fresh(seed: int = 0) -> JointModule:
+        _, gm = captured(seed)
+        return tg.PassManager([SiluBackwardByFormula]).joint_module(gm)
+
+    settings = dict(steps=4, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1, progress=False)
+    full = train(fresh(), TrainConfig(**settings))
+    config = TrainConfig(**settings, checkpoint_every=2, checkpoint_dir=tmp_path)
+
+    class CrashAfter:
+        left = 3
+
+        def post_optimizer_hook(self, model_parts) -> None:
+            CrashAfter.left -= 1
+            if CrashAfter.left == 0:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(fresh(), config, [CrashAfter()])
+    step = fresh(seed=5)
+    assert set(step.state_dict()) == {n for n, _ in captured()[1].state_dict().items()}
+    resumed = train(step, TrainConfig(**{**vars(config), "resume": True}))
+    assert resumed.start_step == 2 and resumed.losses == full.losses[2:]
