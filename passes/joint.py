@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -247,3 +248,23 @@ def joint_step(pm: PassManager, gm: fx.GraphModule, report: Report | None = None
         if problems:
             raise CheckError(problems)
     return step
+
+
+def dump_joint(step: JointModule, out_dir: str | Path) -> list[Path]:
+    """Write the traced step's rewritten joint graph and the forward / backward graphs the
+    partitioner made of it (``joint.py``, ``joint_forward.py``, ``joint_backward.py``) to
+    ``out_dir``; nothing before the step was traced. Returns the files written."""
+    if step.joint_graph is None or step.partitioned is None:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = {
+        "joint": step.joint_graph,
+        **dict(zip(("joint_forward", "joint_backward"), step.partitioned)),
+    }
+    paths = []
+    for name, graph in graphs.items():
+        path = out / f"{name}.py"
+        path.write_text(graph.code.strip() + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -43,7 +43,8 @@ def config(tmp_path, handlers: str = HANDLERS, parallel: str = "{tp: 1}"):
 
 
 def test_run_reports_every_stage(tmp_path, capsys):
-    code = cli.main(["run", str(config(tmp_path)), "--no-progress"])
+    dump = tmp_path / "ir"
+    code = cli.main(["run", str(config(tmp_path)), "--no-progress", "--dump-ir", str(dump)])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["stages"] == {
@@ -56,6 +57,8 @@ def test_run_reports_every_stage(tmp_path, capsys):
     assert matches["joint"]["selective_recompute"] > 50  # counted when the step was traced
     assert [h["name"] for h in metrics["handlers"]][0] == "lora"
     assert len(metrics["losses"]) == 3 and "compile" not in metrics
+    backward = (dump / "joint_backward.py").read_text()
+    assert "silu_backward" in backward and "def forward" in (dump / "joint_forward.py").read_text()
 
 
 def test_unsupported_stage_combinations_are_refused(tmp_path):

@@ -45,7 +45,8 @@ def run_job(
     progress: bool | None = None,
 ) -> JobResult:
     """Run ``config`` end to end. ``steps`` / ``out_dir`` override ``train.steps`` /
-    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory."""
+    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory (and,
+    with joint-stage handlers, the rewritten joint graph and its forward / backward)."""
     train_config = _train_config(config, steps, progress)
     out = Path(out_dir if out_dir is not None else config.output.dir)
     config.import_modules()
@@ -64,6 +65,10 @@ def run_job(
     runnable = _parallelize_and_compile(config, pm.joint_module(gm, report), pm, report)
     result = train(runnable, train_config, handlers=pm.handlers)
     cache = {k: v - cache_before[k] for k, v in cache_counts().items()}
+    if dump_ir is not None and "joint" in pm.stages:  # traced during the first step
+        from torchgraft.passes.joint import dump_joint
+
+        dump_joint(runnable, dump_ir)
     baseline = None
     if config.train.compare_baseline:
         baseline_gm = config.capture_model(config.build_model(), inputs)
