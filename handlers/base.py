@@ -236,11 +236,16 @@ class Handler:
 
 
 def _check_stage(cls: type[Handler], where: str) -> None:
-    """A stage is one of :data:`STAGES`; a ``module`` handler has no rules and its own
-    ``convert``."""
+    """A stage is one of :data:`STAGES`; only a ``joint`` handler sets activation
+    policies; a ``module`` handler has no rules and its own ``convert``."""
     if cls.stage not in STAGES:
         raise HandlerDefinitionError(
             f"{where}.stage must be one of {', '.join(repr(s) for s in STAGES)}, got {cls.stage!r}"
+        )
+    if cls.activation_policy is not Handler.activation_policy and cls.stage != "joint":
+        raise HandlerDefinitionError(
+            f"{where} overrides activation_policy, which only the 'joint' stage uses, but has "
+            f"stage {cls.stage!r}; set stage = 'joint'"
         )
     if cls.stage != "module":
         return

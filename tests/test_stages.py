@@ -39,6 +39,9 @@ def test_stage_is_checked_when_the_class_is_defined():
         handler("ruled", stage="module", base=SiluExpand)
     with pytest.raises(HandlerDefinitionError, match="does not override convert"):
         handler("bare", stage="module")
+    with pytest.raises(HandlerDefinitionError, match="only the 'joint' stage uses"):
+        handler("policy", activation_policy=lambda self, node: "save")
+    assert handler("joint_policy", "joint", activation_policy=lambda self, node: None)
     assert tg.Handler.stage == "graph" and handler("g").stage == "graph"
 
 
