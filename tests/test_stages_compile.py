@@ -11,7 +11,8 @@ from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import torchgraft as tg
-from torchgraft.passes.compile_stage import cache_counts
+from torchgraft.passes.compile_stage import CompileStagePass, cache_counts
+from torchgraft.passes.report import Report
 
 aten = torch.ops.aten
 
@@ -85,3 +86,32 @@ def test_compile_stage_rewrites_counts_and_keeps_the_fx_graph_cache(tmp_path, mo
     assert tg.PassManager([ReluAsClamp]).stages.keys() == {"compile"}
     with pytest.raises(tg.CheckError):
         tg.PassManager([ReluAsClamp, "nope"]).compile_module(gm)
+
+
+class ReluAsMaximum(ReluAsClamp):
+    """The same rewrite written differently: a different rule source."""
+
+    @tg.rule
+    def relu(x):
+        return aten.relu.default(x)
+
+    @relu.replacement
+    def _(self, x):
+        return aten.clamp.default(x, self.options.floor)
+
+
+def uuid_of(plan, previous=None):
+    pm = tg.PassManager(plan)
+    steps = pm.stage_steps("compile")
+    return CompileStagePass(steps, pm.rewrite_stage, Report(order=[]), {}, previous).uuid()
+
+
+def test_uuid_follows_rule_sources_options_and_the_composed_pass():
+    assert uuid_of([ReluAsClamp]) == uuid_of([ReluAsClamp])
+    assert uuid_of([ReluAsClamp]) != uuid_of([ReluAsMaximum])
+    assert uuid_of([ReluAsClamp]) != uuid_of([ReluAsClamp(floor=1.0)])
+    assert uuid_of([ReluAsClamp], CountingPass()) != uuid_of([ReluAsClamp])
+    assert uuid_of([ReluAsClamp], lambda graph: None) is None  # no uuid: bypass the cache
+    namespace: dict = {"tg": tg, "aten": aten}
+    exec("class Anonymous(tg.Handler):\n    stage = 'compile'\n", namespace)  # no source file
+    assert uuid_of([namespace["Anonymous"]]) is None
