@@ -222,6 +222,12 @@ def _dump_ir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Stages: module-stage handlers run on a freshly built model, graph-stage ones on a "
+        "copy of its captured graph; a plan with joint-stage handlers also captures again "
+        "and traces one joint forward+backward step (an AOTAutograd trace: seconds). "
+        "Compile-stage rules are not run: they run when torch.compile compiles (torchgraft run)."
+    )
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     expect = parser.add_mutually_exclusive_group()
@@ -363,6 +369,7 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
         for attribute in ("requires", "after", "before")
         if getattr(cls, attribute)
     ]
+    lines.append(f"  stage: {cls.stage}")
     lines.append(f"  order: {'; '.join(order) or 'no constraints'}")
     tolerance = cls.sqnr_tolerance
     shown = "exact" if tolerance is None else f"{tolerance} dB"

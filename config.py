@@ -329,15 +329,28 @@ class Config:
 
     def check(self) -> CheckResult:
         """What ``torchgraft check`` does: import, build the model, and unless the plan
-        itself has problems, capture and dry-run every check (numerics always verified) on
-        the graph ``torchgraft run`` would train (:meth:`judged_graph`)."""
+        itself has problems, run the module stage on it, capture and dry-run every check
+        (numerics always verified) on the graph ``torchgraft run`` would train
+        (:meth:`judged_graph`); a plan with joint-stage handlers also traces one joint step
+        of the converted graph (their matches and problems are added)."""
         self.import_modules()
         model = self.build_model()
         pm = self.pass_manager()
         if pm.problems:
             return CheckResult(pm.order, list(pm.problems))
+        module_report = pm.convert_module(model)  # the module stage runs before capture
         gm, inputs = self.judged_graph(model)
-        return pm.dry_run(gm, inputs)
+        result = pm.dry_run(gm, inputs)
+        result.problems[:0] = module_report.problems
+        if result.report is not None:
+            result.report.merge(dataclasses.replace(module_report, problems=[]))
+            if "joint" in pm.stages and result.ok:  # trace one joint step of the converted graph
+                from torchgraft.passes.joint import check_joint
+
+                joint_report = check_joint(pm, self.judged_graph(model)[0], inputs)
+                result.problems += joint_report.problems
+                result.report.merge(dataclasses.replace(joint_report, problems=[]))
+        return result
 
     def judged_graph(
         self,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import fx, nn
 
+from torchgraft.handlers.claims import OptimizerClaim
 from torchgraft.handlers.options import build_options
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.matcher import find_matches
@@ -15,6 +17,12 @@ from torchgraft.ir.rule import Match, Rule
 
 RESERVED_OPTIONS = frozenset({"optional"})
 """Keys a plan entry may set beside a handler's options (``{name: {optional: true}}``)."""
+
+STAGES = ("module", "graph", "joint", "compile")
+"""Where a handler runs, in flow order (:attr:`Handler.stage`): ``module`` (``convert`` on
+the eager ``nn.Module`` before capture, no rules), ``graph`` (rules over the exported
+forward graph), ``joint`` (rules over the joint forward + backward ATen graph of the
+training step) and ``compile`` (rules inside ``torch.compile``, as Inductor post-grad pass)."""
 
 
 class HandlerDefinitionError(TorchgraftError):
@@ -75,6 +83,9 @@ class Handler:
     """Handlers that, when present in the plan, run before this one."""
     before: ClassVar[tuple[str, ...]] = ()
     """Handlers that, when present in the plan, run after this one."""
+    stage: ClassVar[str] = "graph"
+    """Where the handler runs, one of :data:`STAGES`. A ``module`` handler declares no
+    rules and overrides :meth:`convert`, which receives the eager ``nn.Module``."""
     sqnr_tolerance: float | None = None
     """Minimum SQNR (dB) of outputs and gradients after this handler in the verify stage
     (a handler whose precision depends on its options may set it per instance in
@@ -102,6 +113,7 @@ class Handler:
                     f"{where}.{attribute} must be a tuple of handler names, got {value!r}"
                     + (f"; write ({value!r},)" if isinstance(value, str) else "")
                 )
+        _check_stage(cls, where)
         tolerance = cls.sqnr_tolerance
         if tolerance is not None and (
             isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
@@ -201,6 +213,29 @@ class Handler:
         warmup-cosine schedule and the other handlers' factors. Default: 1."""
         return 1.0
 
+    def optimizer_claims(self) -> list[OptimizerClaim]:
+        """Parameters this handler's own optimizer updates instead of AdamW (training loop
+        hook): each :class:`~torchgraft.handlers.claims.OptimizerClaim` names FQN globs, an
+        optimizer class and its options. Unclaimed parameters keep AdamW (with
+        :meth:`param_groups`). A parameter claimed by two handlers is an ``overlap``
+        problem. Default: none."""
+        return []
+
+    def lr_schedule(self, total_steps: int) -> Callable[[int], float] | None:
+        """The LR factor as a function of the optimizer update step (0-based) of a run of
+        ``total_steps`` updates, replacing the built-in warmup-cosine schedule;
+        :meth:`lr_multiplier` factors still apply. A handler supplies a schedule by
+        overriding this; two in one plan are an ``overlap`` problem. Default: None."""
+        return None
+
+    def activation_policy(self, node: fx.Node) -> str | None:
+        """Joint stage: ``"save"`` or ``"recompute"`` to make the min-cut partitioner keep
+        forward op ``node``'s output for the backward or recompute it there, or None to
+        leave the choice to the partitioner. Called once per forward op node of the joint
+        graph, after the rules ran; the first handler of the plan with an opinion wins.
+        Default: None."""
+        return None
+
     def skipped(self, gm: fx.GraphModule) -> list[Skipped]:
         """Places in ``gm`` where this handler's rules match but :meth:`reject` refuses
         them (left alone, e.g. by ``skip_fqns`` or an unsupported shape), with the reason.
@@ -224,7 +259,10 @@ class Handler:
     def convert(self, model: nn.Module) -> nn.Module:
         """Rewrite a captured graph module in place with this handler and return it.
 
-        Raises :class:`~torchgraft.CheckError` (graph unchanged) for any problem
+        A ``module``-stage handler overrides this: it converts the eager ``nn.Module``
+        (swapping or adding submodules) and returns it; the pass manager runs it before
+        capture (:meth:`torchgraft.PassManager.convert_module`). For the other stages it
+        raises :class:`~torchgraft.CheckError` (graph unchanged) for any problem
         ``PassManager([self]).check`` reports, e.g. ``no_match`` when it matches nothing."""
         if not isinstance(model, fx.GraphModule):
             raise TypeError(
@@ -244,3 +282,30 @@ class Handler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+def _check_stage(cls: type[Handler], where: str) -> None:
+    """A stage is one of :data:`STAGES`; only a ``joint`` handler sets activation
+    policies; a ``module`` handler has no rules and its own ``convert``."""
+    if cls.stage not in STAGES:
+        raise HandlerDefinitionError(
+            f"{where}.stage must be one of {', '.join(repr(s) for s in STAGES)}, got {cls.stage!r}"
+        )
+    if cls.activation_policy is not Handler.activation_policy and cls.stage != "joint":
+        raise HandlerDefinitionError(
+            f"{where} overrides activation_policy, which only the 'joint' stage uses, but has "
+            f"stage {cls.stage!r}; set stage = 'joint'"
+        )
+    if cls.stage != "module":
+        return
+    if cls.rules():
+        names = ", ".join(rule.name for rule in cls.rules())
+        raise HandlerDefinitionError(
+            f"{where} has stage 'module' but declares rules ({names}): module-stage handlers "
+            "convert the eager nn.Module in convert(model); put rules in a 'graph' handler"
+        )
+    if cls.convert is Handler.convert:
+        raise HandlerDefinitionError(
+            f"{where} has stage 'module' but does not override convert(model), which is "
+            "what a module-stage handler runs"
+        )

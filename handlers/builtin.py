@@ -6,5 +6,9 @@ from torchgraft.handlers import (  # noqa: F401  (imported to register the handl
     flex_attention,
     float8,
     int8,
+    lora,
+    muon,
     mx,
+    recompute,
+    wsd,
 )

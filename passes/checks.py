@@ -31,6 +31,7 @@ from torchgraft.ir.unify import unifiable_nodes
 from torchgraft.passes.ordering import Ordering
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem, error_problem
+from torchgraft.passes.stages import works_without_rules
 
 
 class Observer(Protocol):
@@ -244,8 +245,12 @@ class NoMatchCheck:
         self.problems: list[Problem] = []
 
     def after_handler(self, step: Step, records: list[MatchRecord], editor: GraphEditor) -> None:
-        if records or step.optional:
-            return
+        if (
+            records
+            or step.optional
+            or (not step.handler.rules() and works_without_rules(step.handler))
+        ):
+            return  # claims, schedules and activation policies are checked where they apply
         reasons, near = [], None
         for rule in step.handler.rules():
             anchor = rule.pattern.anchor

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import OptionError
@@ -23,10 +24,12 @@ from torchgraft.passes.checks import (
     find_overlaps,
     find_unmatched_filters,
 )
+from torchgraft.passes.module_stage import convert_module
 from torchgraft.passes.ordering import order_plan
 from torchgraft.passes.plan import HandlerEntry, HandlerSpec, Step, build_plan, instantiate
 from torchgraft.passes.problems import CheckError, Problem, allowed_kinds, error_problem
 from torchgraft.passes.report import CheckResult, Report
+from torchgraft.passes.stages import claim_problems, schedule_problems, split_stages, stage_names
 from torchgraft.passes.verify import Verifier
 
 __all__ = ["HandlerSpec", "PassManager", "instantiate", "op_histogram"]
@@ -68,8 +71,12 @@ class PassManager:
         steps, problems = build_plan(handlers)
         self.ordering = order_plan(steps)
         self.steps = self.ordering.steps
-        self.problems: list[Problem] = problems + self.ordering.problems
+        self.problems: list[Problem] = (
+            problems + self.ordering.problems + schedule_problems(self.steps)
+        )
         """What is wrong with the plan itself: :meth:`run` refuses to run while non-empty."""
+        self.stages = split_stages(self.ordering)
+        """Stage → the ordering of that stage's handlers (stages the plan uses, flow order)."""
         self.verify = verify
         self.inputs = inputs
         self.allow = allowed_kinds(allow)
@@ -85,6 +92,10 @@ class PassManager:
     def order(self) -> list[str]:
         """Handler names in run order."""
         return self.ordering.names
+
+    def stage_steps(self, stage: str) -> list[Step]:
+        """The plan's steps that run at ``stage``, in run order."""
+        return self.stages[stage].steps if stage in self.stages else []
 
     def run(self, gm: fx.GraphModule) -> Report:
         """Rewrite ``gm`` in place; if anything raises, ``gm`` is left exactly as it was.
@@ -105,8 +116,64 @@ class PassManager:
         if unverifiable:  # the graph does not run on the inputs: nothing to rewrite
             raise CheckError(unverifiable)
         report = self._judged(gm, verifier, gate=True)
-        report.skipped = {step.name: step.handler.skipped(gm) for step in self.steps}
+        report.skipped = {step.name: step.handler.skipped(gm) for step in self.stage_steps("graph")}
         report.seconds["recompile"] = _timed(gm.recompile)
+        return report
+
+    def convert_module(self, model: nn.Module) -> Report:
+        """Run the plan's ``module``-stage handlers on the eager ``model``, in place, before
+        capture; if one raises, ``model``'s submodules and parameters are put back. The
+        report counts the submodules each replaced or added (:mod:`~torchgraft.passes.module_stage`);
+        merge it into the graph run's with :meth:`Report.merge`. Example::
+
+            pm = tg.PassManager([{"lora": {"targets": ["layers.*.attention.w*"]}}, "float8"])
+            module_report = pm.convert_module(model)   # LoRA adapters, eager
+            gm = tg.capture(model, (tokens,))
+            report = pm.run(gm).merge(module_report)   # float8 on the captured graph
+        """
+        if self.problems:
+            raise CheckError(self.problems)
+        report = Report(order=self.order, stages=stage_names(self.steps))
+        convert_module(model, self.stage_steps("module"), report)
+        return report
+
+    def joint_module(self, gm: fx.GraphModule, report: Report | None = None) -> nn.Module:
+        """``gm``'s training step run through its joint forward + backward graph, which the
+        plan's ``joint``-stage handlers rewrite when it is traced, on the first call
+        (:class:`~torchgraft.passes.joint.JointModule`); their matches are merged into
+        ``report`` then. Same parameters (objects and FQNs) as ``gm``; ``gm`` is not
+        changed. With ``verify=True`` the step is traced at once and its outputs and
+        gradients compared with ``gm``'s (:func:`~torchgraft.passes.joint.verify_joint`;
+        :class:`CheckError` below tolerance). Without joint-stage handlers: ``gm`` itself.
+        Example::
+
+            report = pm.run(gm)
+            step = pm.joint_module(gm, report)
+            step(tokens, labels).backward()      # report.matches now has the joint handlers
+        """
+        from torchgraft.passes.joint import joint_step
+
+        return joint_step(self, gm, report)
+
+    def compile_module(
+        self, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
+    ) -> nn.Module:
+        """``torch.compile(module)`` with the plan's ``compile``-stage handlers installed as
+        Inductor's post-grad custom pass for this compile, composed with a pass the user
+        already installed (:mod:`~torchgraft.passes.compile_stage`); their matches are
+        merged into ``report`` whenever Inductor compiles a graph (not on an FX graph
+        cache hit). Without compile-stage handlers it is a plain ``torch.compile``."""
+        from torchgraft.passes.compile_stage import compile_with_stage
+
+        return compile_with_stage(self, module, report, **compile_kwargs)
+
+    def rewrite_stage(self, gm: fx.GraphModule, stage: str) -> Report:
+        """Apply one stage's handlers to ``gm`` in place as one transaction (no verify),
+        with the clobber and no-match checks; the caller recompiles. Used by the joint and
+        compile stages on the graphs they are handed."""
+        checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
+        report = self._apply(gm, checks, stage=stage)
+        report.problems = [p for check in checks for p in check.problems]
         return report
 
     def check(
@@ -171,9 +238,9 @@ class PassManager:
         """Apply the plan with every check watching; ``report.problems`` holds all they found
         (``overlap`` first, found on the graph before the run). With ``gate``, refuse the
         problems ``allow`` does not accept: roll back and raise :class:`CheckError`."""
-        static = find_overlaps(gm.graph, self.ordering) + find_unmatched_filters(
-            gm.graph, self.steps
-        )
+        static = find_overlaps(gm.graph, self.stages["graph"]) if "graph" in self.stages else []
+        static += find_unmatched_filters(gm.graph, self.steps)
+        static += claim_problems(self.steps, list(gm.named_parameters()))
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),
@@ -196,14 +263,17 @@ class PassManager:
         gm: fx.GraphModule,
         observers: list[Observer],
         refuse: Callable[[], list[Problem]] | None = None,
+        *,
+        stage: str = "graph",
     ) -> Report:
-        """Apply the plan in one transaction, calling the observers after each handler.
-        Roll back if anything raises, or if ``refuse`` returns problems before the commit."""
+        """Apply the plan's ``stage`` handlers in one transaction, calling the observers
+        after each handler. Roll back if anything raises, or if ``refuse`` returns problems
+        before the commit."""
         editor = GraphEditor(gm.graph)
         applier = RuleApplier(editor)
-        report = Report(order=self.order)
+        report = Report(order=self.order, stages=stage_names(self.steps))
         try:
-            for step in self.steps:
+            for step in self.stage_steps(stage):
                 start = time.perf_counter()
                 counts = report.rule_matches.setdefault(step.name, {})
                 records = []

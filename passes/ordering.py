@@ -17,6 +17,7 @@ import networkx as nx
 
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
+from torchgraft.passes.stages import stage_conflicts, stage_key
 
 
 @dataclasses.dataclass
@@ -43,7 +44,8 @@ class Ordering:
 
 
 def order_plan(steps: Sequence[Step]) -> Ordering:
-    """Sort ``steps`` by their declarations, ties broken by position in the plan."""
+    """Sort ``steps`` by stage (:mod:`~torchgraft.passes.stages`), then by their
+    declarations, ties broken by position in the plan."""
     graph = nx.DiGraph()
     for step in steps:
         graph.add_node(step.name, index=step.index)
@@ -72,10 +74,10 @@ def order_plan(steps: Sequence[Step]) -> Ordering:
             if name in graph:
                 _constrain(graph, step.name, name, f"'{step.name}' declares before=('{name}',)")
     by_name = {step.name: step for step in steps}
-    cycles = _cycles(graph, by_name)
+    cycles = _cycles(graph, by_name) + stage_conflicts(graph, by_name)
     if cycles:
-        return Ordering(list(steps), graph, problems + cycles)
-    order = nx.lexicographical_topological_sort(graph, key=lambda n: graph.nodes[n]["index"])
+        return Ordering(sorted(steps, key=stage_key), graph, problems + cycles)
+    order = nx.lexicographical_topological_sort(graph, key=lambda n: stage_key(by_name[n]))
     return Ordering([by_name[name] for name in order], graph, problems)
 
 

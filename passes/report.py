@@ -17,6 +17,8 @@ class Report:
 
     order: list[str]
     """Handler names in the order they ran."""
+    stages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Stage → its handler names in run order (the stages the plan uses, in flow order)."""
     rule_matches: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     """Handler → rule → number of matches rewritten."""
     records: list[MatchRecord] = dataclasses.field(default_factory=list)
@@ -39,6 +41,27 @@ class Report:
         """Handler name → number of rewrites applied, in run order."""
         return {name: sum(self.rule_matches.get(name, {}).values()) for name in self.order}
 
+    def merge(self, other: Report) -> Report:
+        """Add what another stage of the same plan did (its matches, records, timings,
+        problems, skipped places) to this report; returns this report."""
+        for name, rules in other.rule_matches.items():
+            counts = self.rule_matches.setdefault(name, {})
+            for rule, count in rules.items():
+                counts[rule] = counts.get(rule, 0) + count
+        self.records.extend(other.records)
+        self.seconds.update(other.seconds)
+        self.problems.extend(other.problems)
+        self.skipped.update({k: v for k, v in other.skipped.items() if v})
+        self.sqnr.update(other.sqnr)
+        return self
+
+    def stage_matches(self) -> dict[str, dict[str, int]]:
+        """Stage → handler → matches (the ``metrics.json`` / ``--json`` form)."""
+        return {
+            stage: {name: sum(self.rule_matches.get(name, {}).values()) for name in names}
+            for stage, names in self.stages.items()
+        }
+
     def __str__(self) -> str:
         header = ["handler", "rule", "matches", "ms"]
         if self.sqnr:
@@ -55,6 +78,10 @@ class Report:
                 ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
             )
         text = table(rows)
+        if set(self.stages) - {"graph"}:
+            text += "\nstages: " + "; ".join(
+                f"{stage}: {', '.join(names)}" for stage, names in self.stages.items()
+            )
         for name, skipped in self.skipped.items():
             if skipped:
                 text += f"\n{name} left {len(skipped)} alone:"

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from torchgraft.config import Config, ConfigError
+from torchgraft.passes import PassManager
+from torchgraft.passes.compile_stage import cache_counts
 from torchgraft.passes.parallelize import (
     data_parallel_degree,
     parallelize,
@@ -59,7 +61,8 @@ def run_job(
     progress: bool | None = None,
 ) -> JobResult:
     """Run ``config`` end to end. ``steps`` / ``out_dir`` override ``train.steps`` /
-    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory.
+    ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory (and,
+    with joint-stage handlers, the rewritten joint graph and its forward / backward).
 
     A run stopped by the non-finite limit writes ``metrics.json`` (``status: nonfinite``,
     the steps done) and re-raises :class:`NonFiniteError`. A resumed run that has no step
@@ -67,16 +70,20 @@ def run_job(
     train_config = _train_config(config, steps, progress)
     out = Path(out_dir if out_dir is not None else config.output.dir)
     config.import_modules()
+    pm = config.pass_manager()
+    check_stages(config, pm)  # before any work
     model = config.build_model()
     batch = _capture_inputs(config, train_config, model)
+    module_report = pm.convert_module(model)  # module-stage handlers, before capture
     gm, inputs = config.judged_graph(model, batch, strict=True)
+    pm.inputs = inputs  # what verify runs the graph on
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
 
         write_ir_dump(gm, list(config.handlers), dump_ir)
-    pm = config.pass_manager(inputs)
-    report = pm.run(gm)
-    runnable = _parallelize_and_compile(config, gm)
+    report = pm.run(gm).merge(module_report)
+    cache_before = cache_counts()
+    runnable = _parallelize_and_compile(config, pm.joint_module(gm, report), pm, report)
     hooks = [*pm.handlers, *_train_timeout(config)]
     try:
         result = train(runnable, train_config, handlers=hooks)
@@ -85,6 +92,11 @@ def run_job(
             out, _metrics(config, report, exc.result, None, train_config, STATUS_NONFINITE)
         )
         raise
+    cache = {k: v - cache_before[k] for k, v in cache_counts().items()}
+    if dump_ir is not None and "joint" in pm.stages:  # traced during the first step
+        from torchgraft.passes.joint import dump_joint
+
+        dump_joint(runnable, dump_ir)
     if not result.losses and (out / METRICS_FILE).is_file():
         kept = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
         return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED)
@@ -99,6 +111,8 @@ def run_job(
             _write_metrics(out, metrics)
             raise
     metrics = _metrics(config, report, result, baseline, train_config)
+    if config.compile.enabled:
+        metrics["compile"] = cache
     if not is_main_process():
         return JobResult(out, report, result, baseline, metrics)
     _write_metrics(out, metrics)
@@ -191,13 +205,45 @@ def _capture_inputs(
     return tuple(t[: train_config.batch_size // dp] for t in inputs)
 
 
-def _parallelize_and_compile(config: Config, gm: fx.GraphModule) -> nn.Module:
+def _parallelize_and_compile(
+    config: Config, gm: nn.Module, pm: PassManager | None = None, report: Report | None = None
+) -> nn.Module:
+    """Parallelize and compile as the config says; ``pm``'s compile-stage handlers run
+    inside the compile (matches merged into ``report``)."""
     module: nn.Module = gm
     if config.parallel.enabled:
         module = parallelize(gm, config.parallel)
     if config.compile.enabled:
-        module = torch.compile(module)
+        module = pm.compile_module(module, report) if pm is not None else torch.compile(module)
     return module
+
+
+def check_stages(config: Config, pm: PassManager) -> None:
+    """Refuse stage combinations this job cannot run, naming the handlers and config keys."""
+
+    def names(stage: str) -> str:
+        return ", ".join(f"'{s.name}'" for s in pm.stage_steps(stage))
+
+    if "joint" in pm.stages and config.parallel.enabled:
+        raise ConfigError(
+            f"handler(s) {names('joint')} run at stage 'joint', which cannot be combined with "
+            "tensor parallelism or FSDP yet (the joint step is traced over plain tensors); set "
+            "parallel.tp: 1 and parallel.fsdp: false, or drop those handlers",
+            config.locations.get("parallel"),
+        )
+    if "joint" in pm.stages and config.compile.enabled:
+        raise ConfigError(
+            f"handler(s) {names('joint')} run at stage 'joint', whose partitioned forward and "
+            "backward graphs run eagerly: compile.enabled is not supported with them yet; set "
+            "compile.enabled: false, or drop those handlers",
+            config.locations.get("compile"),
+        )
+    if "compile" in pm.stages and not config.compile.enabled:
+        raise ConfigError(
+            f"handler(s) {names('compile')} run at stage 'compile' (inside torch.compile) but "
+            "compile.enabled is false, so they would never run; set compile: {enabled: true}",
+            config.locations.get("compile") or config.locations.get("handlers"),
+        )
 
 
 def _metrics(
@@ -215,6 +261,8 @@ def _metrics(
         "losses": result.history,
         "start_step": result.start_step,
         "handlers": [{"name": name, "matches": count} for name, count in report.matches.items()],
+        "stages": report.stages,
+        "stage_matches": report.stage_matches(),
         "tokens_per_s": result.tokens_per_s,
         "skipped_steps": result.skipped_steps,
         "wall_s": result.wall_s,

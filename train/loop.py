@@ -16,7 +16,7 @@ from torchgraft.train.checkpoint import Checkpointer, check_directory
 from torchgraft.train.config import TrainConfig
 from torchgraft.train.data import RandomWindows, load_tokens
 from torchgraft.train.optim import build_optimizer, register_handler_hooks
-from torchgraft.train.schedule import build_scheduler
+from torchgraft.train.schedule import build_scheduler, handler_schedule
 
 
 @dataclasses.dataclass
@@ -62,9 +62,11 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
     ``model`` is any module (an ``nn.Module`` or a ``GraphModule`` from
     ``torch.export.export(...).module()``) whose ``forward(tokens, labels)`` returns a scalar
     loss; its train/eval mode is left as it is (exported modules refuse ``.train()``).
-    ``handlers`` may define, each optionally: ``param_groups()`` (see
-    :func:`~torchgraft.train.optim.build_param_groups`), ``lr_multiplier(step) -> float``
-    (multiplies the scheduled LR; ``step`` counts applied updates), and
+    ``handlers`` may define, each optionally: ``optimizer_claims()`` and ``param_groups()``
+    (see :func:`~torchgraft.train.optim.build_optimizer`), ``lr_schedule(total_steps)``
+    (replaces warmup-cosine, see :func:`~torchgraft.train.schedule.handler_schedule`),
+    ``lr_multiplier(step) -> float`` (multiplies the scheduled LR; ``step`` counts applied
+    updates), and
     ``pre_optimizer_hook(model_parts)`` / ``post_optimizer_hook(model_parts)``, run through
     the optimizer's step hooks around every applied step with ``model_parts == [model]``.
 
@@ -94,6 +96,7 @@ def train(model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
         total_steps=config.steps,
         min_lr_ratio=config.min_lr_ratio,
         multipliers=[h.lr_multiplier for h in handlers if hasattr(h, "lr_multiplier")],
+        schedule=handler_schedule(handlers, config.steps),
     )
     loop = {"step": 0, "nonfinite_in_a_row": 0}
     history: list[float] = []

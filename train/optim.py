@@ -1,7 +1,10 @@
-"""The optimizer: AdamW parameter groups from handler rules, and handler step hooks.
+"""The optimizer: handlers' own optimizers for the parameters they claim, AdamW parameter
+groups from handler rules for the rest, and handler step hooks.
 
 Handlers are duck-typed; each of these methods is optional:
 
+- ``optimizer_claims() -> list[OptimizerClaim]``: parameters (FQN globs) the handler's own
+  optimizer class updates (see :mod:`torchgraft.handlers.claims`).
 - ``param_groups() -> list[tuple[list[str], dict]]``: parameter-FQN ``fnmatch`` globs and
   the AdamW options (plus ``lr_scale``, a factor on the LR) for the parameters they match.
 - ``pre_optimizer_hook(model_parts)`` / ``post_optimizer_hook(model_parts)``: called around
@@ -11,13 +14,15 @@ Handlers are duck-typed; each of these methods is optional:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchgraft.handlers.claims import conflict_message, resolve_claims
+from torchgraft.train.combined import CombinedOptimizer
 from torchgraft.train.config import TrainConfig
 
 _GROUP_OPTIONS = frozenset(inspect.signature(torch.optim.AdamW).parameters) - {"params"} | {
@@ -33,7 +38,12 @@ def is_no_decay(fqn: str, param: torch.Tensor) -> bool:
 
 
 def build_param_groups(
-    model: nn.Module, handlers: Sequence[object], *, lr: float, weight_decay: float
+    model: nn.Module,
+    handlers: Sequence[object],
+    *,
+    lr: float,
+    weight_decay: float,
+    claimed: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups for the trainable parameters of ``model``.
 
@@ -42,7 +52,8 @@ def build_param_groups(
     rules are tried in handler order, then rule order: the **first rule with a glob matching
     the parameter's FQN wins**, and its options override those defaults (``lr_scale``
     multiplies the LR). A glob that matches no parameter, or an option AdamW does not know,
-    raises ``ValueError``.
+    raises ``ValueError``. Parameters in ``claimed`` (FQNs another optimizer updates) are
+    left out.
     """
     params = [(fqn, p) for fqn, p in model.named_parameters() if p.requires_grad]
     fqns = [fqn for fqn, _ in params]
@@ -69,6 +80,8 @@ def build_param_groups(
 
     groups: dict[tuple[int | None, bool], dict[str, Any]] = {}
     for fqn, param in params:
+        if fqn in claimed:
+            continue
         rule = next(
             (i for i, (globs, _) in enumerate(rules) if any(fnmatchcase(fqn, g) for g in globs)),
             None,
@@ -86,12 +99,39 @@ def build_param_groups(
 
 def build_optimizer(
     model: nn.Module, config: TrainConfig, handlers: Sequence[object] = ()
-) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups`, with the config's LR, betas and weight decay."""
-    groups = build_param_groups(model, handlers, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+) -> torch.optim.Optimizer:
+    """The run's optimizer: each handler's claimed parameters (``optimizer_claims``) go to
+    its optimizer class with its options (``lr`` defaulting to the config's), the rest to
+    AdamW over :func:`build_param_groups` with the config's LR, betas and weight decay.
+    Without claims that is a plain ``AdamW``; with claims, a :class:`CombinedOptimizer`.
+    A parameter claimed by two handlers is a ``ValueError`` (``torchgraft check`` reports
+    it as an ``overlap`` problem first)."""
+    params = [(fqn, p) for fqn, p in model.named_parameters() if p.requires_grad]
+    named = [(getattr(h, "display_name", type(h).__name__), h) for h in handlers]
+    owners, conflicts = resolve_claims(named, params)
+    if conflicts:
+        raise ValueError(conflict_message(conflicts[0]))
+    groups = build_param_groups(
+        model, handlers, lr=config.lr, weight_decay=config.weight_decay, claimed=owners
     )
+    optimizers: list[torch.optim.Optimizer] = []
+    if groups:
+        optimizers.append(
+            torch.optim.AdamW(
+                groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            )
+        )
+    claimed: dict[int, tuple[Any, list[torch.Tensor]]] = {}
+    plan_order = {name: i for i, (name, _) in enumerate(named)}
+    for fqn, param in sorted(
+        params, key=lambda item: plan_order.get(owners.get(item[0], ("",))[0], -1)
+    ):
+        if fqn in owners:
+            claim = owners[fqn][1]
+            claimed.setdefault(id(claim), (claim, []))[1].append(param)
+    for claim, members in claimed.values():  # in plan order, parameters in model order
+        optimizers.append(claim.optimizer(members, **{"lr": config.lr, **claim.options}))
+    return optimizers[0] if len(optimizers) == 1 else CombinedOptimizer(optimizers)
 
 
 def register_handler_hooks(

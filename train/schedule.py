@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to a floor, times handler factors."""
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (or the schedule a
+handler supplies), times handler factors."""
 
 from __future__ import annotations
 
@@ -30,19 +31,41 @@ def build_scheduler(
     total_steps: int,
     min_lr_ratio: float,
     multipliers: Sequence[Callable[[int], float]] = (),
+    schedule: Callable[[int], float] | None = None,
 ) -> LambdaLR:
-    """A ``LambdaLR`` scaling each group's LR by :func:`warmup_cosine` times every multiplier.
+    """A ``LambdaLR`` scaling each group's LR by :func:`warmup_cosine` (or ``schedule``,
+    a handler's, see :func:`handler_schedule`) times every multiplier.
 
     ``multipliers`` are handlers' ``lr_multiplier(step)`` methods; ``step`` is the number of
     optimizer updates applied so far (skipped non-finite steps do not advance it).
     """
 
     def factor(step: int) -> float:
-        value = warmup_cosine(
-            step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
-        )
+        if schedule is not None:
+            value = schedule(step)
+        else:
+            value = warmup_cosine(
+                step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+            )
         for multiplier in multipliers:
             value *= multiplier(step)
         return value
 
     return LambdaLR(optimizer, factor)
+
+
+def handler_schedule(handlers: Sequence[object], total_steps: int) -> Callable[[int], float] | None:
+    """The LR schedule a handler supplies (``lr_schedule(total_steps)`` not None), or None;
+    two handlers supplying one is a ``ValueError`` (an ``overlap`` problem of the plan)."""
+    found = []
+    for handler in handlers:
+        method = getattr(handler, "lr_schedule", None)
+        schedule = method(total_steps) if method is not None else None
+        if schedule is not None:
+            found.append((getattr(handler, "display_name", type(handler).__name__), schedule))
+    if len(found) > 1:
+        raise ValueError(
+            f"handlers {', '.join(repr(n) for n, _ in found)} each supply the LR schedule; "
+            "a run has one schedule"
+        )
+    return found[0][1] if found else None

@@ -1,0 +1,117 @@
+"""The ``compile`` stage: rules inside ``torch.compile`` as one Inductor post-grad pass,
+composed with the user's own pass, with an FX-graph-cache-safe uuid."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import fx, nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import torchgraft as tg
+from torchgraft.passes.compile_stage import CompileStagePass, cache_counts
+from torchgraft.passes.report import Report
+
+aten = torch.ops.aten
+
+
+class ReluAsClamp(tg.Handler):
+    """``relu(x)`` → ``clamp_min(x, floor)`` (exact for ``floor`` 0)."""
+
+    stage = "compile"
+
+    @dataclasses.dataclass(kw_only=True)
+    class Options:
+        floor: float = 0.0
+
+    @tg.rule
+    def relu(x):
+        return aten.relu.default(x)
+
+    @relu.replacement
+    def _(self, x):
+        return aten.clamp_min.default(x, self.options.floor)
+
+
+class CountingPass(CustomGraphPass):
+    """A user's own post-grad pass: counts the graphs it saw."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.graphs += 1
+
+    def uuid(self) -> str:
+        return "counting-pass-v1"
+
+
+def compiled_run(gm, x, plan) -> tuple[torch.Tensor, dict[str, int], dict[str, int]]:
+    """A fresh compile of ``gm`` with ``plan``; (output, matches, cache counters delta)."""
+    torch._dynamo.reset()
+    before = cache_counts()
+    pm = tg.PassManager(plan)
+    report = pm.run(gm)
+    with torch.no_grad():
+        out = pm.compile_module(gm, report)(x)
+    after = cache_counts()
+    return out, report.matches, {k: after[k] - before[k] for k in after}
+
+
+def test_compile_stage_rewrites_counts_and_keeps_the_fx_graph_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    user_pass = CountingPass()
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", user_pass)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    gm = tg.capture(model, (x,))
+    expected = model(x)
+
+    out, matches, cache = compiled_run(gm, x, [ReluAsClamp])
+    assert matches == {"ReluAsClamp": 1} and cache == {"cache_hits": 0, "cache_misses": 1}
+    assert torch.equal(out, expected.detach())
+    assert user_pass.graphs == 1  # the user's pass still runs, before torchgraft's
+
+    out, matches, cache = compiled_run(gm, x, [ReluAsClamp])  # unchanged: a cache hit
+    assert cache == {"cache_hits": 1, "cache_misses": 0}
+    assert matches == {"ReluAsClamp": 0} and user_pass.graphs == 1  # nothing compiled
+    assert torch.equal(out, expected.detach())
+
+    out, matches, cache = compiled_run(gm, x, [ReluAsClamp(floor=0.5)])  # option changed
+    assert cache == {"cache_hits": 0, "cache_misses": 1} and matches == {"ReluAsClamp": 1}
+    assert torch.equal(out, model[2](model[0](x).clamp_min(0.5)).detach())
+    assert tg.PassManager([ReluAsClamp]).stages.keys() == {"compile"}
+    with pytest.raises(tg.CheckError):
+        tg.PassManager([ReluAsClamp, "nope"]).compile_module(gm)
+
+
+class ReluAsMaximum(ReluAsClamp):
+    """The same rewrite written differently: a different rule source."""
+
+    @tg.rule
+    def relu(x):
+        return aten.relu.default(x)
+
+    @relu.replacement
+    def _(self, x):
+        return aten.clamp.default(x, self.options.floor)
+
+
+def uuid_of(plan, previous=None):
+    pm = tg.PassManager(plan)
+    steps = pm.stage_steps("compile")
+    return CompileStagePass(steps, pm.rewrite_stage, Report(order=[]), {}, previous).uuid()
+
+
+def test_uuid_follows_rule_sources_options_and_the_composed_pass():
+    assert uuid_of([ReluAsClamp]) == uuid_of([ReluAsClamp])
+    assert uuid_of([ReluAsClamp]) != uuid_of([ReluAsMaximum])
+    assert uuid_of([ReluAsClamp]) != uuid_of([ReluAsClamp(floor=1.0)])
+    assert uuid_of([ReluAsClamp], CountingPass()) != uuid_of([ReluAsClamp])
+    assert uuid_of([ReluAsClamp], lambda graph: None) is None  # no uuid: bypass the cache
+    namespace: dict = {"tg": tg, "aten": aten}
+    exec("class Anonymous(tg.Handler):\n    stage = 'compile'\n", namespace)  # no source file
+    assert uuid_of([namespace["Anonymous"]]) is None
