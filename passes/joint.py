@@ -41,7 +41,7 @@ from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import CheckError, Problem
 from torchgraft.passes.report import Report
 from torchgraft.passes.stages import policy_handler, stage_names
-from torchgraft.passes.verify import Verifier, _exact_tolerance, _worst
+from torchgraft.passes.verify import Verifier, exact_tolerance
 
 _POLICIES = {"save": CheckpointPolicy.MUST_SAVE, "recompute": CheckpointPolicy.MUST_RECOMPUTE}
 
@@ -195,11 +195,10 @@ def verify_joint(
     verifier = Verifier(gm, inputs)
     if verifier.reference is None:
         return verifier.problems
-    current = verifier._measure(step)
-    db, worst = _worst(current, verifier.reference)
+    db, worst = verifier.judge(step)
     declared = [s.handler.sqnr_tolerance for s in step.steps]
     declared = [t for t in declared if t is not None]
-    tolerance = min(declared) if declared else _exact_tolerance(verifier.reference)
+    tolerance = min(declared) if declared else exact_tolerance(verifier.reference)
     if db >= tolerance:
         return []
     names = tuple(s.name for s in step.steps)

@@ -37,7 +37,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils._pytree import tree_leaves
 
@@ -239,6 +239,12 @@ class Verifier:
     def _problem(self, step: Step, message: str) -> None:
         self.problems.append(Problem("numerics", (step.name,), None, None, None, message))
 
+    def judge(self, module: nn.Module) -> tuple[float, str]:
+        """The worst judged SQNR of ``module``'s outputs and gradients against the reference
+        (the graph this verifier was made with) on the same inputs, and what it was
+        measured on (``"output 0"``, ``"gradient of ..."``)."""
+        return _worst(self._measure(module), self.reference, self.floors)
+
     def _measure(self, module: fx.GraphModule) -> Values:
         try:
             with torch.random.fork_rng(devices=[]):
@@ -270,7 +276,7 @@ def _tolerance(step: Step, reference: Values) -> float:
     if not step.handler.approximates:
         return -math.inf
     if step.handler.sqnr_tolerance is None:
-        return _exact_tolerance(reference)
+        return exact_tolerance(reference)
     return float(step.handler.sqnr_tolerance)
 
 
@@ -326,6 +332,6 @@ def _worst(current: Values, reference: Values, floors: dict[str, float]) -> tupl
     return worst, what
 
 
-def _exact_tolerance(reference: Values) -> float:
+def exact_tolerance(reference: Values) -> float:
     dtypes = [t.dtype for t in reference.values() if t.is_floating_point()]
     return min((EXACT_SQNR_DB.get(d, 80.0) for d in dtypes), default=80.0)
