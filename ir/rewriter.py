@@ -125,13 +125,32 @@ class GraphEditor:
 
     def commit(self) -> None:
         """Check the edits, then erase the retired nodes (which nothing live uses, so the
-        erasure cannot break what the check accepted; a failed check can still roll back)."""
+        erasure cannot break what the check accepted; a failed check can still roll back),
+        and the pure ops that only they used (e.g. an attention mask the replacement reads
+        off the graph instead of computing: left in place, eager mode would compute it)."""
         self.check()
+        orphans = {n: None for r in self._retired for n in r.all_input_nodes}
         for node in reversed(self.graph.nodes):
             if node in self._retired:
                 self.graph.erase_node(node)
+        self._erase_orphans([n for n in orphans if n not in self._retired])
         self._attributes.commit()
         self._reset()
+
+    def _erase_orphans(self, work: list[fx.Node]) -> None:
+        erased: set[fx.Node] = set()
+        while work:
+            node = work.pop()
+            if node in erased or node.op != "call_function" or node.is_impure():
+                continue
+            if not all(is_assertion(u) for u in node.users):
+                continue
+            inputs = node.all_input_nodes
+            for user in list(node.users):
+                self.graph.erase_node(user)
+            self.graph.erase_node(node)
+            erased.add(node)
+            work.extend(inputs)
 
     def rollback(self) -> None:
         """Undo every edit since the last commit."""

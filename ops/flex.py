@@ -32,8 +32,11 @@ Design, from what torch 2.13 does on CPU:
   ``BlockMask`` is built here without ``vmap`` (:func:`_block_mask`). Cost: one compile of a
   few seconds per distinct (shape, strides, dtype, mask kind, scale), cached by inductor on
   disk; shapes are static (``dynamic=False``: flex's dynamic-shape CPU kernel failed to build
-  for some shapes), so past ``torch._dynamo.config.recompile_limit`` shapes dynamo falls back
-  to eager flex. Inductor's CPU backend needs a C++ compiler.
+  for some shapes), and each distinct (shape, mask kind, window, soft-cap) is a recompile of
+  the one compiled function: the op raises dynamo's ``recompile_limit`` to
+  :data:`RECOMPILE_LIMIT` around its call (the default 8 is reached by one process converting
+  a few models, and past it dynamo would fall back to eager flex). Inductor's CPU backend
+  needs a C++ compiler.
 * **Backward: this module's formula.** Flex has no backward on CPU, eager or compiled
   ("FlexAttention does not support backward on CPU"). ``torchgraft::flex_attention_backward``
   recomputes the masked softmax in blocks of :data:`BACKWARD_BLOCK` query rows (only keys up
@@ -229,6 +232,10 @@ def _check_args(
             raise ValueError(f"flex_attention: doc_ids must be integers, got {doc_ids.dtype}")
 
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants of flex the op keeps (dynamo's ``recompile_limit`` during its call)."""
+
+
 @functools.cache
 def _compiled_flex_attention() -> Callable:
     # Built on first use: importing torch.compile's machinery takes seconds.
@@ -253,15 +260,16 @@ def flex_attention(
     # The op's own autograd formula differentiates it, so flex sees plain tensors. The scale
     # is made explicit and GQA always on (a no-op when H == Hkv) so that one compiled kernel
     # serves every call of a given shape and mask kind.
-    out = _compiled_flex_attention()(
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        block_mask=block_mask,
-        score_mod=None if softcap is None else softcap_score(softcap),
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        enable_gqa=True,
-    )
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        out = _compiled_flex_attention()(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            block_mask=block_mask,
+            score_mod=None if softcap is None else softcap_score(softcap),
+            scale=q.shape[-1] ** -0.5 if scale is None else scale,
+            enable_gqa=True,
+        )
     return out.contiguous()  # the layout the fake implementation promises
 
 
