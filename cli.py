@@ -40,6 +40,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -383,6 +384,9 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
     options = option_docs(cls.Options)
     lines.append("  options:" if options else "  options: none")
     for option in options:
-        lines.append(f"    {option.name}: {option.type} = {option.default}")
+        declaration = f"{option.name}: {option.type} = {option.default}"
+        lines.extend(
+            textwrap.wrap(declaration, 86, initial_indent="    ", subsequent_indent=" " * 8)
+        )
         lines.extend(f"        {line}" for line in plain_text(option.doc, width=80).splitlines())
     return "\n".join(lines)
