@@ -6,7 +6,7 @@
   ``x_q = clamp(round(x s), -128, 127)``, ``X̂ = x_q / s`` (the shared int8 quantizer
   computes ``x / (1 / s)``).
 * Forward: ``Y = X̂ Ŵᵀ``, computed as the exact int8 GEMM ``x_q W_tᵀ`` (``torch._int_mm``,
-  or its exact float32 emulation, as ``kernel`` chooses: :mod:`~torchgraft.ops.kernels`)
+  or its exact float32 emulation, as ``gemm`` chooses: :mod:`~torchgraft.ops.kernels`)
   rescaled by ``γ / s`` in float32, then the bias in float32.
 * Backward: straight-through estimator as in the BitNet reference code
   (``x + (quant(x) - x).detach()``): the gradients are those of ``X̂ Ŵᵀ`` treating both
@@ -55,14 +55,14 @@ def _quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.library.custom_op("torchgraft::bitnet_linear", mutates_args=())
 def bitnet_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel: str = "auto"
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gemm: str = "auto"
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` as BitNet b1.58 (see the module docstring)."""
     check_linear_args(x, w, bias)
-    check_kernel(kernel)
+    check_kernel(gemm)
     x_q, x_scale = _quantize_activations(as_2d(x))
     w_t, gamma = ternary_quantize(w)
-    y = int8_matmul(x_q, w_t.t(), kernel).mul_(x_scale * gamma)
+    y = int8_matmul(x_q, w_t.t(), gemm).mul_(x_scale * gamma)
     return finish_linear(y, x, bias)
 
 
@@ -82,17 +82,17 @@ def bitnet_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 @bitnet_linear.register_fake
 def _bitnet_linear_fake(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel: str = "auto"
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gemm: str = "auto"
 ) -> torch.Tensor:
-    check_kernel(kernel)
+    check_kernel(gemm)
     return fake_linear(x, w, bias)
 
 
 bitnet_linear_grad_input.register_fake(fake_grad_input)
 bitnet_linear_grad_weight.register_fake(fake_grad_weight)
-# The backward GEMMs are float32 (unquantized dY): ``kernel`` only concerns the forward.
+# The backward GEMMs are float32 (unquantized dY): ``gemm`` only concerns the forward.
 register_linear_autograd(
     bitnet_linear,
-    grad_input=lambda grad, w, _kernel: bitnet_linear_grad_input(grad, w),
-    grad_weight=lambda grad, x, _kernel: bitnet_linear_grad_weight(grad, x),
+    grad_input=lambda grad, w, _gemm: bitnet_linear_grad_input(grad, w),
+    grad_weight=lambda grad, x, _gemm: bitnet_linear_grad_weight(grad, x),
 )

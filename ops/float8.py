@@ -12,8 +12,9 @@ to float8 and runs ``torch._scaled_mm`` with float32 output:
 
 The bias is added, and its gradient summed, in float32.
 
-GEMM kernel (``kernel``: ``"auto"`` | ``"native"`` | ``"emulated"``, see
-:mod:`torchgraft.ops.kernels`): native runs ``torch._scaled_mm`` on the float8 operands,
+GEMM kernel (argument ``gemm``: ``"auto"`` | ``"native"`` | ``"emulated"``, see
+:mod:`torchgraft.ops.kernels`; not named ``kernel``, which Inductor's fallback lowering
+reserves): native runs ``torch._scaled_mm`` on the float8 operands,
 emulated multiplies the same float8 values cast back to float32 with the ordinary GEMM and
 rescales the product; ``"auto"`` takes native only where a one-time probe finds it fast
 (CPUs without a float8 kernel run ``_scaled_mm``'s reference loop, ~750x slower than fp32).
@@ -66,10 +67,10 @@ _AMAX_EPS = 1e-12
 _WEIGHT_SCALES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _check_recipe(recipe: str, kernel: str) -> None:
+def _check_recipe(recipe: str, gemm: str) -> None:
     if recipe not in RECIPES:
         raise ValueError(f"float8 recipe must be one of {RECIPES}, got {recipe!r}")
-    check_kernel(kernel)
+    check_kernel(gemm)
 
 
 def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,13 +134,13 @@ def _float8_mm(
     b: torch.Tensor,
     a_dtype: torch.dtype,
     recipe: str,
-    kernel: str,
+    gemm: str,
     b_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]``; ``b`` is always e4m3.
 
     Rowwise scales are taken along the contraction dim ``K``. ``b_scale`` overrides the
-    tensorwise scale of ``b`` (the cached weight scale). ``kernel`` picks the GEMM
+    tensorwise scale of ``b`` (the cached weight scale). ``gemm`` picks the GEMM
     (:func:`torchgraft.ops.kernels.float8_matmul`).
     """
     input_dtype = a.dtype
@@ -154,7 +155,7 @@ def _float8_mm(
         b_scale = _rowwise_scale(b, dim=0)
     a8 = saturating_cast(a * a_scale, a_dtype)
     b8 = saturating_cast(b * b_scale, _E4M3)
-    return float8_matmul(a8, b8, a_scale.reciprocal(), b_scale.reciprocal(), kernel, input_dtype)
+    return float8_matmul(a8, b8, a_scale.reciprocal(), b_scale.reciprocal(), gemm, input_dtype)
 
 
 def _grad_dtype(recipe: str) -> torch.dtype:
@@ -163,44 +164,44 @@ def _grad_dtype(recipe: str) -> torch.dtype:
 
 @torch.library.custom_op("torchgraft::float8_linear", mutates_args=())
 def float8_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str, kernel: str = "auto"
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str, gemm: str = "auto"
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` with float8 GEMMs; ``recipe`` is ``"tensorwise"`` or
-    ``"rowwise"``, ``kernel`` ``"auto"``, ``"native"`` or ``"emulated"`` (see the module
+    ``"rowwise"``, ``gemm`` ``"auto"``, ``"native"`` or ``"emulated"`` (see the module
     docstring)."""
     check_linear_args(x, w, bias)
-    _check_recipe(recipe, kernel)
-    y = _float8_mm(as_2d(x), w.t(), _E4M3, recipe, kernel, b_scale=_weight_scale(w, recipe))
+    _check_recipe(recipe, gemm)
+    y = _float8_mm(as_2d(x), w.t(), _E4M3, recipe, gemm, b_scale=_weight_scale(w, recipe))
     return finish_linear(y, x, bias)
 
 
 @torch.library.custom_op("torchgraft::float8_linear_grad_input", mutates_args=())
 def float8_linear_grad_input(
-    grad: torch.Tensor, w: torch.Tensor, recipe: str, kernel: str = "auto"
+    grad: torch.Tensor, w: torch.Tensor, recipe: str, gemm: str = "auto"
 ) -> torch.Tensor:
     """``dX = Q(dY) Q(W)``, contraction over ``N``."""
-    _check_recipe(recipe, kernel)
+    _check_recipe(recipe, gemm)
     dx = _float8_mm(
-        as_2d(grad), w, _grad_dtype(recipe), recipe, kernel, b_scale=_weight_scale(w, recipe)
+        as_2d(grad), w, _grad_dtype(recipe), recipe, gemm, b_scale=_weight_scale(w, recipe)
     )
     return finish_grad_input(dx, grad)
 
 
 @torch.library.custom_op("torchgraft::float8_linear_grad_weight", mutates_args=())
 def float8_linear_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, recipe: str, kernel: str = "auto"
+    grad: torch.Tensor, x: torch.Tensor, recipe: str, gemm: str = "auto"
 ) -> torch.Tensor:
     """``dW = Q(dY)ᵀ Q(X)``, contraction over the tokens ``M``."""
-    _check_recipe(recipe, kernel)
-    dw = _float8_mm(as_2d(grad).t(), as_2d(x), _grad_dtype(recipe), recipe, kernel)
+    _check_recipe(recipe, gemm)
+    dw = _float8_mm(as_2d(grad).t(), as_2d(x), _grad_dtype(recipe), recipe, gemm)
     return dw.to(grad.dtype)
 
 
 @float8_linear.register_fake
 def _float8_linear_fake(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str, kernel: str = "auto"
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: str, gemm: str = "auto"
 ) -> torch.Tensor:
-    _check_recipe(recipe, kernel)
+    _check_recipe(recipe, gemm)
     return fake_linear(x, w, bias)
 
 

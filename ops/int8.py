@@ -2,7 +2,7 @@
 
 Quantization is symmetric absmax int8 per row (:func:`~torchgraft.ops.quant.int8_absmax_quantize`):
 ``s = amax_row / 127``, ``q = clamp(round(t / s), -128, 127)``. Int8 GEMMs run through
-``torch._int_mm`` (exact int32 accumulation) or its exact float32 emulation, as ``kernel``
+``torch._int_mm`` (exact int32 accumulation) or its exact float32 emulation, as ``gemm``
 chooses (:func:`~torchgraft.ops.kernels.int8_matmul`, :mod:`~torchgraft.ops.kernels`), and are
 rescaled by both operands' scales in float32. An int8
 GEMM quantizes each operand per row *along that GEMM's contraction dimension*.
@@ -47,8 +47,8 @@ __all__ = ["MODES", "int8_linear", "int8_linear_grad_input", "int8_linear_grad_w
 MODES = ("weight_only", "dynamic", "training")
 
 
-def _check_mode(mode: str, kernel: str, *flags: bool) -> None:
-    check_kernel(kernel)
+def _check_mode(mode: str, gemm: str, *flags: bool) -> None:
+    check_kernel(gemm)
     if mode not in MODES:
         raise ValueError(f"int8 mode must be one of {MODES}, got {mode!r}")
     if mode != "training" and not all(flags):
@@ -61,11 +61,11 @@ def _dequantized(t: torch.Tensor, dim: int) -> torch.Tensor:
     return q.float() * scale
 
 
-def _int8_mm(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
+def _int8_mm(a: torch.Tensor, b: torch.Tensor, gemm: str) -> torch.Tensor:
     """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]``, both quantized along ``K``."""
     qa, sa = int8_absmax_quantize(a, dim=1)
     qb, sb = int8_absmax_quantize(b, dim=0)
-    return int8_matmul(qa, qb, kernel).mul_(sa).mul_(sb)
+    return int8_matmul(qa, qb, gemm).mul_(sa).mul_(sb)
 
 
 @torch.library.custom_op("torchgraft::int8_linear", mutates_args=())
@@ -77,17 +77,17 @@ def int8_linear(
     int8_forward: bool = True,
     int8_grad_input: bool = True,
     int8_grad_weight: bool = True,
-    kernel: str = "auto",
+    gemm: str = "auto",
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` with int8 quantization; ``mode`` is ``"weight_only"``,
-    ``"dynamic"`` or ``"training"``, ``kernel`` the int8 GEMM's (see the module docstring)."""
+    ``"dynamic"`` or ``"training"``, ``gemm`` the int8 GEMM's (see the module docstring)."""
     check_linear_args(x, w, bias)
-    _check_mode(mode, kernel, int8_forward, int8_grad_input, int8_grad_weight)
+    _check_mode(mode, gemm, int8_forward, int8_grad_input, int8_grad_weight)
     x2d = as_2d(x)
     if mode == "weight_only":
         y = x2d.float() @ _dequantized(w, dim=1).t()
     elif int8_forward:
-        y = _int8_mm(x2d, w.t(), kernel)
+        y = _int8_mm(x2d, w.t(), gemm)
     else:
         y = x2d.float() @ w.float().t()
     return finish_linear(y, x, bias)
@@ -95,15 +95,15 @@ def int8_linear(
 
 @torch.library.custom_op("torchgraft::int8_linear_grad_input", mutates_args=())
 def int8_linear_grad_input(
-    grad: torch.Tensor, w: torch.Tensor, mode: str, int8_grad_input: bool, kernel: str = "auto"
+    grad: torch.Tensor, w: torch.Tensor, mode: str, int8_grad_input: bool, gemm: str = "auto"
 ) -> torch.Tensor:
     """``dX`` of :func:`int8_linear` (``dY W``; contraction over ``N``)."""
-    _check_mode(mode, kernel, int8_grad_input)
+    _check_mode(mode, gemm, int8_grad_input)
     g = as_2d(grad)
     if mode != "training":
         dx = g.float() @ _dequantized(w, dim=1)
     elif int8_grad_input:
-        dx = _int8_mm(g, w, kernel)
+        dx = _int8_mm(g, w, gemm)
     else:
         dx = g.float() @ w.float()
     return finish_grad_input(dx, grad)
@@ -111,16 +111,16 @@ def int8_linear_grad_input(
 
 @torch.library.custom_op("torchgraft::int8_linear_grad_weight", mutates_args=())
 def int8_linear_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, mode: str, int8_grad_weight: bool, kernel: str = "auto"
+    grad: torch.Tensor, x: torch.Tensor, mode: str, int8_grad_weight: bool, gemm: str = "auto"
 ) -> torch.Tensor:
     """``dW`` of :func:`int8_linear` (``dYᵀ X``; contraction over the tokens ``M``)."""
-    _check_mode(mode, kernel, int8_grad_weight)
+    _check_mode(mode, gemm, int8_grad_weight)
     g = as_2d(grad)
     x2d = as_2d(x)
     if mode == "dynamic":
         dw = g.float().t() @ _dequantized(x2d, dim=1)
     elif mode == "training" and int8_grad_weight:
-        dw = _int8_mm(g.t(), x2d, kernel)
+        dw = _int8_mm(g.t(), x2d, gemm)
     else:
         dw = g.float().t() @ x2d.float()
     return dw.to(grad.dtype)
@@ -135,9 +135,9 @@ def _int8_linear_fake(
     int8_forward: bool = True,
     int8_grad_input: bool = True,
     int8_grad_weight: bool = True,
-    kernel: str = "auto",
+    gemm: str = "auto",
 ) -> torch.Tensor:
-    _check_mode(mode, kernel, int8_forward, int8_grad_input, int8_grad_weight)
+    _check_mode(mode, gemm, int8_forward, int8_grad_input, int8_grad_weight)
     return fake_linear(x, w, bias)
 
 
@@ -145,10 +145,10 @@ int8_linear_grad_input.register_fake(fake_grad_input)
 int8_linear_grad_weight.register_fake(fake_grad_weight)
 register_linear_autograd(
     int8_linear,
-    grad_input=lambda grad, w, mode, _fwd, int8_grad_input, _gw, kernel: int8_linear_grad_input(
-        grad, w, mode, int8_grad_input, kernel
+    grad_input=lambda grad, w, mode, _fwd, int8_grad_input, _gw, gemm: int8_linear_grad_input(
+        grad, w, mode, int8_grad_input, gemm
     ),
-    grad_weight=lambda grad, x, mode, _fwd, _gi, int8_grad_weight, kernel: int8_linear_grad_weight(
-        grad, x, mode, int8_grad_weight, kernel
+    grad_weight=lambda grad, x, mode, _fwd, _gi, int8_grad_weight, gemm: int8_linear_grad_weight(
+        grad, x, mode, int8_grad_weight, gemm
     ),
 )
