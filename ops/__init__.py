@@ -4,15 +4,16 @@ Importing this package registers, each with a fake implementation and an autogra
 whose backward is itself made of custom ops (so it survives ``torch.export`` and
 ``torch.compile``):
 
-* ``torchgraft::float8_linear(x, w, bias, recipe)`` (:mod:`.float8`)
+* ``torchgraft::float8_linear(x, w, bias, recipe, gemm)`` (:mod:`.float8`)
 * ``torchgraft::int8_linear(x, w, bias, mode, int8_forward, int8_grad_input,
-  int8_grad_weight)`` (:mod:`.int8`)
+  int8_grad_weight, gemm)`` (:mod:`.int8`)
 * ``torchgraft::mx_linear(x, w, bias, fmt)`` (:mod:`.mx`)
-* ``torchgraft::bitnet_linear(x, w, bias)`` (:mod:`.bitnet`)
+* ``torchgraft::bitnet_linear(x, w, bias, gemm)`` (:mod:`.bitnet`)
 
 and their ``*_grad_input`` / ``*_grad_weight`` backward ops. Each forward op is a drop-in
 for ``F.linear(x, w, bias)``. Shared pieces: :mod:`.quant` (quantization primitives),
-:mod:`.linear` (op plumbing), :mod:`.numerics` (``sqnr``).
+:mod:`.linear` (op plumbing), :mod:`.numerics` (``sqnr``), :mod:`.kernels` (the ``gemm``
+argument: native or emulated GEMMs, ``"auto"`` probed once per device).
 """
 
 from .bitnet import bitnet_linear
