@@ -109,10 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        _check_environment()
         return args.run(args)
     except TorchgraftError as exc:  # config, import, capture ... errors: the input is unusable
         print(f"torchgraft {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _check_environment() -> None:
+    """Refuse a bad ``TORCHGRAFT_KERNEL`` before any work, as bad input."""
+    from torchgraft.ops.kernels import environment_kernel
+
+    try:
+        environment_kernel()
+    except ValueError as exc:
+        raise TorchgraftError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------ run

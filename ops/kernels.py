@@ -51,6 +51,7 @@ __all__ = [
     "ProbeResult",
     "check_kernel",
     "clear_cache",
+    "environment_kernel",
     "float8_matmul",
     "int8_matmul",
     "resolve",
@@ -106,9 +107,7 @@ def resolve(
     ``(kind, device, dtypes)`` (``TORCHGRAFT_KERNEL`` replaces ``"auto"`` when set)."""
     check_kernel(kernel)
     if kernel == "auto":
-        kernel = os.environ.get(_ENV_VAR, "auto")
-        if kernel not in KERNELS:
-            raise ValueError(f"{_ENV_VAR} must be one of {KERNELS}, got {kernel!r}")
+        kernel = environment_kernel()
     if kernel != "auto":
         return kernel  # type: ignore[return-value]
     key = (kind, torch.device(device), dtypes)
@@ -165,6 +164,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch
         a = F.pad(a, (0, pad_k, 0, pad_m))
         b = F.pad(b, (0, pad_n, 0, pad_k))
     return torch._int_mm(a, b)[:m, :n].float()
+
+
+def environment_kernel() -> str:
+    """``TORCHGRAFT_KERNEL`` (default ``"auto"``); ``ValueError`` if it is not one of
+    :data:`KERNELS`."""
+    kernel = os.environ.get(_ENV_VAR, "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"{_ENV_VAR} must be one of {KERNELS}, got {kernel!r}")
+    return kernel
 
 
 def clear_cache() -> None:

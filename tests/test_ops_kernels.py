@@ -130,3 +130,13 @@ def test_handlers_pass_their_kernel_option_to_the_op(name):
 def test_mx_has_no_native_kernel_option():
     with pytest.raises(OptionError, match="has no option 'kernel'"):
         tg.get_handler("mx")(kernel="native")
+
+
+def test_a_bad_environment_kernel_is_bad_input_before_any_work(monkeypatch, capsys, tmp_path):
+    from torchgraft import cli
+
+    monkeypatch.setenv("TORCHGRAFT_KERNEL", "fast")
+    assert cli.main(["run", "--steps", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "TORCHGRAFT_KERNEL must be one of" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
