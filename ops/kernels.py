@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 KERNELS = ("auto", "native", "emulated")
-"""Values of the ``kernel`` argument of the low-precision ops (and handler option)."""
+"""Values of the low-precision ops' ``gemm`` argument (the handlers' ``kernel`` option)."""
 
 Kind = Literal["float8", "int8"]
 Choice = Literal["native", "emulated"]
