@@ -254,11 +254,7 @@ class NoMatchCheck:
         reasons, near = [], None
         for rule in step.handler.rules():
             anchor = rule.pattern.anchor
-            candidates = [
-                n
-                for n in editor.graph.find_nodes(op=anchor.op, target=anchor.target)
-                if editor.is_live(n)
-            ]
+            candidates = [n for n in rule.pattern.candidates(editor.graph) if editor.is_live(n)]
             if not candidates:
                 reasons.append(f"rule '{rule.name}': the graph has no {target_name(anchor)} node")
                 continue

@@ -556,3 +556,31 @@ def test_matcher_literals_and_free_literals():
     # SubgraphMatcher's ignore_literals=True: in torchgraft the literal becomes a parameter.
     gm = fx.symbolic_trace(original)
     assert len(tg.find_matches(gm.graph, tg.rule(lambda x, c: x + c, name="free"))) == 1
+
+
+def test_no_match_and_explain_find_module_call_candidates():
+    """A call_module pattern's candidates are the calls of a module of its class (not a
+    target name): the no_match problem and tg.explain look at them."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(x + 1)
+
+    class Pattern(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(x)
+
+    rule = tg.rule(Pattern(), name="relu_module", where=lambda m: False)
+    rule.replacement(lambda x: torch.tanh(x))
+    handler = type("ModuleRule", (tg.Handler,), {"relu_module": rule})
+    (problem,) = tg.PassManager([handler]).check(traced(M(), *X))
+    assert problem.kind == "no_match" and problem.node == "act"
+    assert "1 " in problem.message and "none matches" in problem.message

@@ -223,7 +223,7 @@ def explain_plan(
         if chosen is not None:
             candidates = [chosen]
         else:
-            candidates = graph.find_nodes(op=anchor.op, target=anchor.target)
+            candidates = r.pattern.candidates(graph)
             if module is not None:
                 candidates = [c for c in candidates if _in_module(c, module)]
         winners = _winners(graph, r, handler)
