@@ -135,9 +135,9 @@ class Zoo:
             ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
             inputs: tuple[torch.Tensor, ...] = (ids,)
             if with_loss:
-                from torchgraft.models.hf import CausalLMWithLoss
+                from torchgraft.train.lm import NextTokenLoss
 
-                model = CausalLMWithLoss(model)
+                model = NextTokenLoss(model)
                 inputs = (ids, torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen))
             self._cache[key] = Captured(model, tg.capture(model, inputs), inputs)
         return self._cache[key]
