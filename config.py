@@ -347,7 +347,8 @@ class Config:
             if "joint" in pm.stages and result.ok:  # trace one joint step of the converted graph
                 from torchgraft.passes.joint import check_joint
 
-                joint_report = check_joint(pm, self.judged_graph(model)[0], inputs)
+                # dry_run rewrote a copy: gm is still the capture, converted here in place
+                joint_report = check_joint(pm, gm, inputs)
                 result.problems += joint_report.problems
                 result.report.merge(dataclasses.replace(joint_report, problems=[]))
         return result
