@@ -114,6 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TorchgraftError as exc:  # config, import, capture ... errors: the input is unusable
         print(f"torchgraft {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        _leave_distributed()
+
+
+def _leave_distributed() -> None:
+    """Leave the process group ``run`` joined under ``torchrun`` (if it did)."""
+    if "torch.distributed" in sys.modules:  # never import torch for ``--help`` or ``list``
+        from torchgraft.passes.parallelize import leave_distributed
+
+        leave_distributed()
 
 
 def _check_environment() -> None:

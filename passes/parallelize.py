@@ -39,6 +39,7 @@ __all__ = [
     "build_mesh",
     "collective_failure",
     "init_distributed",
+    "leave_distributed",
     "parallelize",
     "set_collective_timeout",
 ]
@@ -82,6 +83,23 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_INIT_T
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    global _joined
+    _joined = True
+
+
+_joined = False
+"""Whether :func:`init_distributed` joined the default process group (a user's own is left
+alone)."""
+
+
+def leave_distributed() -> None:
+    """Destroy the process group :func:`init_distributed` joined, if any, while the
+    interpreter is still whole: left to interpreter exit, gloo's worker threads can abort
+    the process (pytorch/pytorch#179291)."""
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = False
 
 
 def set_collective_timeout(timeout_s: float) -> None:

@@ -61,6 +61,10 @@ def _entry(
         torch.save(worker(rank, WORLD_SIZE, *args), Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # The result is on disk: leave without interpreter finalization, where gloo's worker
+    # threads can still hold tensors and abort the process (seen once in CI as SIGABRT,
+    # "terminate called without an active exception"; pytorch/pytorch#179291).
+    os._exit(0)
 
 
 # --- models and data ------------------------------------------------------------------------
