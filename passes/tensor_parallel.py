@@ -190,6 +190,11 @@ def _owners(gm: fx.GraphModule, styles: Mapping[str, Style]) -> dict[fx.Node, st
     return owners
 
 
+def _is_tensor(node: fx.Node) -> bool:
+    """Whether ``node`` computes a tensor (not a size: ``sym_size`` of a symbolic batch)."""
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
 def _boundary_edges(
     gm: fx.GraphModule, styles: Mapping[str, Style], sequence_parallel: bool
 ) -> Iterator[tuple[fx.Node, fx.Node, str]]:
@@ -200,9 +205,13 @@ def _boundary_edges(
         entry = {"colwise": "replicate", "rowwise": "shard(-1)"}.get(style)
         if entry is not None:
             for producer in node.all_input_nodes:
-                if producer.op != "get_attr" and owners.get(producer) != owner:
+                if (
+                    producer.op != "get_attr"
+                    and owners.get(producer) != owner
+                    and _is_tensor(producer)
+                ):
                     yield producer, node, entry
-        if style == "rowwise":
+        if style == "rowwise" and _is_tensor(node):
             ndim = node.meta["val"].ndim
             exit_layout = f"shard({ndim - 2})" if sequence_parallel else "replicate"
             for user in node.users:

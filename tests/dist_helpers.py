@@ -116,18 +116,29 @@ def gpt2_graph() -> fx.GraphModule:
     return tg.capture(model, (tokens, tokens), dynamic_shapes=batch_dynamic_shapes([tokens] * 2))
 
 
-def loss_and_grads(module: torch.nn.Module, rows: int) -> tuple[torch.Tensor, dict]:
-    """Loss and gradients (full tensors) of ``module(tokens, labels)`` on a seeded batch of
-    ``rows`` rows; the gradients are cleared after."""
+def seeded_step(module: torch.nn.Module, rows: int) -> torch.Tensor:
+    """Forward and backward of ``module(tokens, labels)`` on a seeded batch of ``rows``
+    rows; returns the loss."""
     g = torch.Generator().manual_seed(rows)
     tokens, labels = (torch.randint(0, 256, (rows, SEQ_LEN), generator=g) for _ in range(2))
     loss = module(tokens, labels)
     loss.backward()
+    return loss.detach()
+
+
+def take_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient (the full tensor of a DTensor's), cleared after."""
     grads = {}
     for name, p in module.named_parameters():
         grads[name] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
         p.grad = None
-    return loss.detach(), grads
+    return grads
+
+
+def loss_and_grads(module: torch.nn.Module, rows: int) -> tuple[torch.Tensor, dict]:
+    """:func:`seeded_step`'s loss and :func:`take_grads`."""
+    loss = seeded_step(module, rows)
+    return loss, take_grads(module)
 
 
 def train_logits(
@@ -252,7 +263,7 @@ def gpt2_tensor_parallel(rank: int, world: int, rows: Sequence[int]):
     """The tiny GPT-2 tensor-parallel by :data:`GPT2_PLAN` over all ranks, with and without
     sequence parallelism: for each, the loss and gradients of one batch of each of ``rows``
     (the graph's batch dim is symbolic), every parameter's placements, and how many
-    all-gathers those steps ran."""
+    all-gathers those steps' forward and backward ran."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     results = {}
@@ -260,10 +271,13 @@ def gpt2_tensor_parallel(rank: int, world: int, rows: Sequence[int]):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
         options = {"plan": GPT2_PLAN, "sequence_parallel": sequence_parallel}
         gm = parallelize(gpt2_graph(), options, mesh)
-        with CommDebugMode() as comm:
-            steps = [loss_and_grads(gm, n) for n in rows]
-        gathers = comm.get_comm_counts()[torch.ops.c10d_functional.all_gather_into_tensor]
-        placements = {n: tuple(map(str, p.placements)) for n, p in gm.named_parameters()}
+        steps, gathers = [], 0
+        for n in rows:
+            with CommDebugMode() as comm:  # one per step: its module tracker breaks on reuse
+                loss = seeded_step(gm, n)
+            gathers += comm.get_comm_counts()[torch.ops.c10d_functional.all_gather_into_tensor]
+            steps.append((loss, take_grads(gm)))
+        placements = {n: tuple(p.placements) for n, p in gm.named_parameters()}
         results[sequence_parallel] = (steps, placements, gathers)
     return results
 
