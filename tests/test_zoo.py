@@ -237,10 +237,10 @@ def test_flex_attention_numerics(zoo, arch):
     assert tg.PassManager(["flex_attention"]).check(zoo.llm(arch).gm) == []
 
 
-@pytest.mark.parametrize("arch", [a for a in LLMS if a != "gemma2"])
+@pytest.mark.parametrize("arch", list(LLMS))
 def test_chunked_cross_entropy_matches_with_the_linear_handlers(zoo, arch):
-    """Gemma2 is left out: its final logit soft-capping sits between the head and the loss,
-    which the chunked op does not compute."""
+    """Regression (issue 11): Gemma2's final logit soft-capping, between the head and the
+    loss, kept the chunked loss from matching; the op now soft-caps each chunk."""
     captured = zoo.llm(arch, with_loss=True)
     gm = captured.copy()
     report = tg.PassManager([{"chunked_cross_entropy": {"chunk_size": 8}}, "float8"]).run(gm)
@@ -251,6 +251,27 @@ def test_chunked_cross_entropy_matches_with_the_linear_handlers(zoo, arch):
     assert report.skipped["float8"] == []  # the head is inside the chunked loss now
     loss, ref = gm(*captured.inputs), captured.model(*captured.inputs)
     assert sqnr(loss, ref) > 20
+
+
+def test_soft_capped_loss_is_chunked_with_the_unchunked_loss_and_gradients(zoo):
+    """Gemma2's ``tanh(logits / 30) * 30`` before the loss: the chunked graph (4 chunks)
+    against the unchunked one on fresh tokens, loss and every parameter's gradient."""
+    captured = zoo.llm("gemma2", with_loss=True)
+    gm = captured.copy()
+    report = tg.PassManager([{"chunked_cross_entropy": {"chunk_size": 8}}]).run(gm)
+    assert report.rule_matches["chunked_cross_entropy"]["softcap_flatten_ce"] == 1
+    (op,) = gm.graph.find_nodes(op="call_function", target=ops.chunked_linear_cross_entropy.default)
+    assert op.args[7] == 30.0  # Gemma2Config's final_logit_softcapping
+    gen = torch.Generator().manual_seed(11)
+    inputs = tuple(torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(2))
+    params = [p for _, p in captured.gm.named_parameters()]
+    results = []
+    for graph in (gm, captured.gm):
+        loss = graph(*inputs)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert sqnr(loss, ref_loss) > 100
+    assert min(sqnr(g, r) for g, r in zip(grads, ref_grads)) > 80
 
 
 @pytest.mark.parametrize("handler", LINEAR_HANDLERS)
