@@ -64,12 +64,12 @@ class BatchShard(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ranks = self.mesh.size()
+        rows = x.shape[0] // ranks if self.rows is None else self.rows
         if self.rows is None and x.shape[0] % ranks:
             raise ValueError(
                 f"a global batch of {x.shape[0]} rows does not split evenly over {ranks} "
                 "data-parallel ranks (each rank's loss is weighted equally)"
             )
-        rows = x.shape[0] // ranks if self.rows is None else self.rows
         if x.shape[0] != rows * ranks:
             raise ValueError(
                 f"the graph was captured with {rows} rows per data-parallel rank, so with "

@@ -79,9 +79,9 @@ def run_job(
     model = config.build_model()
     batch = _capture_inputs(config, train_config, model)
     module_report = pm.convert_module(model)  # module-stage handlers, before capture
-    dynamic = config.dynamic_batch(pm.stages)
-    gm, inputs = config.judged_graph(model, batch, strict=True, dynamic_batch=dynamic)
-    dynamic = has_dynamic_batch(gm)
+    wanted = config.dynamic_batch(pm.stages)
+    gm, inputs = config.judged_graph(model, batch, strict=True, dynamic_batch=wanted)
+    dynamic = has_dynamic_batch(gm)  # wanted, and the model allowed it
     pm.inputs = inputs  # what verify runs the graph on
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
@@ -106,7 +106,7 @@ def run_job(
         dump_joint(runnable, dump_ir)
     if not result.losses and (out / METRICS_FILE).is_file():
         kept = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
-        return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED, runnable)
+        return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED, module=runnable)
     baseline = None
     if config.train.compare_baseline:
         baseline_gm, _ = config.judged_graph(
