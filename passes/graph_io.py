@@ -28,7 +28,14 @@ from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
-__all__ = ["BatchCombine", "BatchShard", "FullOutput", "ReplicateInput", "convert_inputs_outputs"]
+__all__ = [
+    "BatchCombine",
+    "BatchShard",
+    "FullOutput",
+    "ReplicateInput",
+    "convert_inputs_outputs",
+    "is_number",
+]
 
 _GUARDS = "_guards_fn"
 """``torch.export``'s input-shape check: it must see the inputs as exported."""
@@ -115,12 +122,17 @@ def _created_tensors(gm: fx.GraphModule) -> list[fx.Node]:
         for n in gm.graph.nodes
         if n.op == "call_function"
         and isinstance(n.meta.get("val"), torch.Tensor)
-        and all(isinstance(a.meta.get("val"), _SCALARS) for a in n.all_input_nodes)
+        and all(is_number(a) for a in n.all_input_nodes)
     ]
 
 
-_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
-"""What a node computes when it is a size or a number, not a tensor."""
+_NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def is_number(node: fx.Node) -> bool:
+    """Whether ``node`` computes a number, not a tensor: a size (``sym_size`` of a
+    symbolic batch dim) or arithmetic on sizes."""
+    return isinstance(node.meta.get("val"), _NUMBERS)
 
 
 def convert_inputs_outputs(

@@ -42,6 +42,7 @@ from torch.distributed.tensor.placement_types import Placement
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.provenance import module_fqn, module_glob
 from torchgraft.ops.sharding import gather_cast, scatter_cast
+from torchgraft.passes.graph_io import is_number
 from torchgraft.passes.weight_layout import output_feature_dims
 
 __all__ = [
@@ -190,11 +191,6 @@ def _owners(gm: fx.GraphModule, styles: Mapping[str, Style]) -> dict[fx.Node, st
     return owners
 
 
-def _is_tensor(node: fx.Node) -> bool:
-    """Whether ``node`` computes a tensor (not a size: ``sym_size`` of a symbolic batch)."""
-    return isinstance(node.meta.get("val"), torch.Tensor)
-
-
 def _boundary_edges(
     gm: fx.GraphModule, styles: Mapping[str, Style], sequence_parallel: bool
 ) -> Iterator[tuple[fx.Node, fx.Node, str]]:
@@ -208,10 +204,10 @@ def _boundary_edges(
                 if (
                     producer.op != "get_attr"
                     and owners.get(producer) != owner
-                    and _is_tensor(producer)
+                    and not is_number(producer)
                 ):
                     yield producer, node, entry
-        if style == "rowwise" and _is_tensor(node):
+        if style == "rowwise" and not is_number(node):
             ndim = node.meta["val"].ndim
             exit_layout = f"shard({ndim - 2})" if sequence_parallel else "replicate"
             for user in node.users:
