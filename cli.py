@@ -295,7 +295,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _captured(config: Config) -> fx.GraphModule:
-    """Import, build and capture the config's model as ``check`` judges it; returns the
+    """Import, build and capture the config's model as ``check`` judges it (its batch
+    dimension static, which reads more plainly in ``viz`` and ``explain``); returns the
     graph module."""
     config.import_modules()
     return config.judged_graph(config.build_model())[0]

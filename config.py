@@ -9,7 +9,7 @@ give ``file:line:column``)::
       kwargs: {preset: tiny}                     # keyword arguments of the factory
       inputs:                                    # one example input per forward argument
         - {shape: [2, 32], dtype: int64, high: 256}   # integers in [0, high)
-    capture: {method: export, strict: false}     # or method: symbolic_trace
+    capture: {method: export, strict: false}     # or method: symbolic_trace; dynamic_batch
     handlers:                                    # the plan, in order
       - fuse_rms_norm                            # a name
       - float8: {recipe: rowwise}                # {name: {option: value}}
@@ -46,7 +46,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ from torch import fx, nn
 
 from torchgraft.handlers.options import conforms, shown, type_name
 from torchgraft.ir.capture import capture
+from torchgraft.ir.dynamic_batch import batch_dynamic_shapes, has_dynamic_batch
 from torchgraft.ir.errors import CaptureError, TorchgraftError
 from torchgraft.passes import CheckResult, HandlerEntry, PassManager
 from torchgraft.passes.parallelize import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TRAIN_TIMEOUT_S
@@ -150,6 +151,12 @@ class CaptureConfig:
     """``export`` (ATen training IR) or ``symbolic_trace`` (torch-level graph)."""
     strict: bool = False
     """Strict-mode ``torch.export``."""
+    dynamic_batch: bool | None = None
+    """Capture dim 0 of every input (the batch) as dynamic, so the trained graph takes any
+    batch size (a last partial batch, an eval batch): ``true`` requires it (an error if the
+    model's code fixes the batch size, or with joint-stage handlers, whose step is traced at
+    one shape), ``false`` bakes the example's batch size in, unset (default) makes it
+    dynamic where the model and the plan allow it. ``method: export`` only."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -305,13 +312,47 @@ class Config:
         )
         return (tokens, tokens) if takes_labels(model) else (tokens,)
 
-    def capture_model(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-        """:func:`torchgraft.capture` as the ``capture`` section says; a model torch cannot
-        turn into Python code (a submodule named ``a"b``) is a :class:`ConfigError`."""
+    def dynamic_batch(self, stages: Collection[str]) -> bool:
+        """Whether ``run`` captures the batch dimension as dynamic, for a plan using
+        ``stages``: ``capture.dynamic_batch``, or when unset, with ``method: export`` unless
+        a handler runs at stage ``joint``. ``true`` where it cannot work is a
+        :class:`ConfigError` naming the key."""
+        stated = self.capture.dynamic_batch
+        where = self.locations.get("capture.dynamic_batch")
+        if stated is None:
+            return self.capture.method == "export" and "joint" not in stages
+        if stated and self.capture.method != "export":
+            raise ConfigError(
+                "capture.dynamic_batch: true needs capture.method: export (a symbolically "
+                "traced graph has the sizes the model's code gives it); drop the key",
+                where,
+            )
+        if stated and "joint" in stages:
+            raise ConfigError(
+                "capture.dynamic_batch: true cannot be combined with handlers at stage 'joint' "
+                "(their training step is traced at one batch shape); set it to false or drop it",
+                where,
+            )
+        return stated
+
+    def capture_model(
+        self, model: nn.Module, inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = False
+    ) -> fx.GraphModule:
+        """:func:`torchgraft.capture` as the ``capture`` section says, with dim 0 of every
+        input dynamic where the model allows it if ``dynamic_batch``
+        (:func:`~torchgraft.ir.dynamic_batch.batch_dynamic_shapes`; a graph that got a static
+        batch is a :class:`ConfigError` when ``capture.dynamic_batch`` is ``true``); a model
+        torch cannot turn into Python code (a submodule named ``a"b``) is a
+        :class:`ConfigError`."""
+        shapes = batch_dynamic_shapes(inputs) if dynamic_batch else None
         with _quiet_fake_tensor_log():
             try:
-                return capture(
-                    model, tuple(inputs), method=self.capture.method, strict=self.capture.strict
+                gm = capture(
+                    model,
+                    tuple(inputs),
+                    method=self.capture.method,
+                    strict=self.capture.strict,
+                    dynamic_shapes=shapes,
                 )
             except CaptureError as exc:  # its source line and hint, on the one line
                 message = "; ".join(line.strip() for line in str(exc).splitlines())
@@ -322,6 +363,14 @@ class Config:
                     f"{shown(exc.text or '')}); give submodules and parameters identifier names",
                     self.locations.get("model.factory"),
                 ) from None
+        if dynamic_batch and self.capture.dynamic_batch and not has_dynamic_batch(gm):
+            raise ConfigError(
+                f"capture.dynamic_batch: {type(model).__name__} fixes the batch size of its "
+                f"inputs {[list(t.shape) for t in inputs]} (its code, or an example batch of "
+                "1 row, specializes dim 0); set it to false or drop it",
+                self.locations.get("capture.dynamic_batch"),
+            )
+        return gm
 
     def pass_manager(self, inputs: Sequence[torch.Tensor] | None = None) -> PassManager:
         """The :class:`PassManager` of the plan (verifying when ``verify`` is set)."""
@@ -339,7 +388,7 @@ class Config:
         if pm.problems:
             return CheckResult(pm.order, list(pm.problems))
         module_report = pm.convert_module(model)  # the module stage runs before capture
-        gm, inputs = self.judged_graph(model)
+        gm, inputs = self.judged_graph(model, dynamic_batch=self.dynamic_batch(pm.stages))
         result = pm.dry_run(gm, inputs)
         result.problems[:0] = module_report.problems
         if result.report is not None:
@@ -359,13 +408,14 @@ class Config:
         inputs: tuple[torch.Tensor, ...] | None = None,
         *,
         strict: bool = False,
+        dynamic_batch: bool = False,
     ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
         """The captured graph ``torchgraft run`` trains and ``check``, ``viz`` and ``explain``
         judge, with its inputs (default: :meth:`example_inputs`): a causal LM's
         ``forward(tokens)`` with the next-token loss added, or a ``forward(tokens, labels)``
         loss model as it is (:func:`~torchgraft.train.lm.as_trained`). Any other model is
         taken as it is, or with ``strict`` (``run``) refused with a :class:`ConfigError`
-        saying what ``run`` supports."""
+        saying what ``run`` supports. ``dynamic_batch``: see :meth:`capture_model`."""
         if inputs is None:
             inputs = self.example_inputs(model=model)
         where = self.locations.get("model.inputs") or self.locations.get("model")
@@ -374,8 +424,8 @@ class Config:
         except UnsupportedModelError as exc:
             if strict:
                 raise ConfigError(str(exc), where) from None
-            return self.capture_model(model, inputs), inputs
-        gm = self.capture_model(module, trained)
+            return self.capture_model(model, inputs, dynamic_batch=dynamic_batch), inputs
+        gm = self.capture_model(module, trained, dynamic_batch=dynamic_batch)
         if strict:
             try:
                 check_scalar_loss(gm)

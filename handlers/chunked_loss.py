@@ -18,7 +18,10 @@ also returns its logits keeps them and does not match):
 * ``view_ce`` / ``reshape_ce``: ``linear → view|reshape([-1, V]) → cross_entropy_loss``;
 * ``linear_ce``: 2-D hidden states, ``linear → cross_entropy_loss``;
 * ``transformers_ce``: ``transformers``' causal-LM loss as exported:
-  ``linear → to(float32) → view([-1, V]) → cross_entropy_loss``.
+  ``linear → to(float32) → view([-1, V]) → cross_entropy_loss``;
+* ``softcap_flatten_ce`` / ``softcap_transformers_ce``: the first and the last with the
+  logits soft-capped after the projection, ``cap * tanh(logits / cap)`` (Gemma2's
+  ``final_logit_softcapping``), which the op then applies per chunk (``softcap=cap``).
 
 Only ``weight=None``, ``label_smoothing=0`` and integer class-index labels are rewritten;
 ``reduction`` may be mean, sum or none and ``ignore_index`` anything.
@@ -47,6 +50,11 @@ _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 def _cross_entropy(logits, labels, reduction, ignore_index):
     return aten.cross_entropy_loss.default(logits, labels, None, reduction, ignore_index, 0.0)
+
+
+def _softcap(logits, cap):
+    """Logit soft-capping as models write it: ``tanh(logits / cap) * cap``."""
+    return aten.mul.Tensor(aten.tanh.default(aten.div.Tensor(logits, cap)), cap)
 
 
 @tg.register_handler("chunked_cross_entropy")
@@ -91,17 +99,13 @@ class ChunkedCrossEntropy(tg.Handler):
             return f"labels {tuple(labels.shape)} are not one class index per row ({rows},)"
         return None
 
-    def chunked(self, h, w, labels, reduction: int, ignore_index: int, out_dtype=None):
-        """The replacement every rule shares."""
-        return torch.ops.torchgraft.chunked_linear_cross_entropy.default(
-            h,
-            w,
-            labels,
-            self.options.chunk_size,
-            ignore_index,
-            _REDUCTIONS[reduction],
-            out_dtype,
-        )
+    def chunked(
+        self, h, w, labels, reduction: int, ignore_index: int, out_dtype=None, softcap=None
+    ):
+        """The replacement every rule shares (``softcap`` passed only when set)."""
+        args = (h, w, labels, self.options.chunk_size, ignore_index, _REDUCTIONS[reduction])
+        capped = () if softcap is None else (softcap,)
+        return torch.ops.torchgraft.chunked_linear_cross_entropy.default(*args, out_dtype, *capped)
 
     @tg.rule
     def flatten_ce(h, w, labels, start: int, end: int, reduction: int, ignore_index: int):
@@ -152,3 +156,28 @@ class ChunkedCrossEntropy(tg.Handler):
     @transformers_ce.replacement
     def _(self, h, w, labels, to_dtype, shape, reduction, ignore_index):
         return self.chunked(h, w, labels, reduction, ignore_index, to_dtype)
+
+    @tg.rule
+    def softcap_flatten_ce(
+        h, w, labels, cap: float, start: int, end: int, reduction: int, ignore_index: int
+    ):
+        # linear -> soft-cap -> flatten -> cross_entropy  =>  chunked(..., softcap=cap)
+        logits = aten.flatten.using_ints(_softcap(aten.linear.default(h, w), cap), start, end)
+        return _cross_entropy(logits, labels, reduction, ignore_index)
+
+    @softcap_flatten_ce.replacement
+    def _(self, h, w, labels, cap, start, end, reduction, ignore_index):
+        return self.chunked(h, w, labels, reduction, ignore_index, softcap=float(cap))
+
+    @tg.rule
+    def softcap_transformers_ce(
+        h, w, labels, cap: float, to_dtype, shape, reduction: int, ignore_index: int
+    ):
+        # transformers' loss of soft-capped logits: linear -> soft-cap -> to -> view -> CE
+        capped = _softcap(aten.linear.default(h, w), cap)
+        flat = aten.view.default(aten.to.dtype(capped, to_dtype), shape)
+        return _cross_entropy(flat, labels, reduction, ignore_index)
+
+    @softcap_transformers_ce.replacement
+    def _(self, h, w, labels, cap, to_dtype, shape, reduction, ignore_index):
+        return self.chunked(h, w, labels, reduction, ignore_index, to_dtype, float(cap))

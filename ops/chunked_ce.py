@@ -1,10 +1,12 @@
 """``torchgraft::chunked_linear_cross_entropy``: output projection + cross-entropy in row
 chunks, never materializing the ``[tokens × vocab]`` logits.
 
-``chunked_linear_cross_entropy(h, w, labels, chunk_size, ignore_index, reduction, out_dtype)``
-equals ``F.cross_entropy(F.linear(h, w).reshape(-1, V).to(out_dtype), labels.reshape(-1),
-ignore_index=ignore_index, reduction=reduction)`` for ``h [..., D]``, ``w [V, D]`` and integer
-``labels`` with one entry per row of ``h``. ``reduction`` is ``"mean"`` (over the labels that
+``chunked_linear_cross_entropy(h, w, labels, chunk_size, ignore_index, reduction, out_dtype,
+softcap)`` equals ``F.cross_entropy(F.linear(h, w).reshape(-1, V).to(out_dtype),
+labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)`` for ``h [..., D]``,
+``w [V, D]`` and integer ``labels`` with one entry per row of ``h``; with ``softcap`` the
+logits are soft-capped first, ``softcap * tanh(logits / softcap)`` (Gemma2's final logit
+soft-capping), per chunk. ``reduction`` is ``"mean"`` (over the labels that
 are not ``ignore_index``; NaN when all are ignored, like ``F.cross_entropy``), ``"sum"`` or
 ``"none"`` (per-row losses ``[N]``, 0 on ignored rows). ``out_dtype`` (default ``h.dtype``)
 is the dtype of the returned loss, i.e. the dtype the unchunked graph ran the
@@ -17,8 +19,9 @@ in place: one ``[chunk_size, V]`` float32 buffer at a time (plus the GEMM's outp
 
 Backward (``torchgraft::chunked_linear_cross_entropy_backward``): recomputes each chunk's
 logits and ``softmax``, subtracts 1 at the label, scales each row by its loss weight
-(``grad / count`` for mean, ``grad`` for sum, ``grad[r]`` for none; 0 on ignored rows) and
-accumulates ``dh_c = dlogits_c W`` and ``dW += dlogits_cᵀ h_c`` (float32): one chunk buffer
+(``grad / count`` for mean, ``grad`` for sum, ``grad[r]`` for none; 0 on ignored rows),
+with ``softcap`` multiplies by the cap's derivative ``1 − tanh²(logits / softcap)`` (a
+second chunk buffer), and accumulates ``dh_c = dlogits_c W`` and ``dW += dlogits_cᵀ h_c`` (float32): one chunk buffer
 plus ``dh`` and a float32 ``dW``. The extra cost is one more ``[N, D] × [D, V]`` GEMM than
 the unchunked backward. The backward op has no autograd formula (no double backward).
 
@@ -61,8 +64,12 @@ def _check_args(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _chunk_logits(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (h_c @ w.t()).float()
+def _chunk_logits(h_c: torch.Tensor, w: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """A chunk's float32 logits, soft-capped (in place) when ``softcap`` is set."""
+    logits = (h_c @ w.t()).float()
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
 def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,14 +95,16 @@ def chunked_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     out_dtype: torch.dtype | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``F.linear(h, w)`` against ``labels``, ``chunk_size`` rows at a time."""
+    """Cross-entropy of ``F.linear(h, w)`` (soft-capped by ``softcap`` if set) against
+    ``labels``, ``chunk_size`` rows at a time."""
     _check_args(h, w, labels, chunk_size, reduction)
     h2, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     losses = torch.empty(y.shape[0], dtype=torch.float32, device=h.device)
     for start in range(0, y.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        logits = _chunk_logits(h2[rows], w)
+        logits = _chunk_logits(h2[rows], w, softcap)
         valid, target = _targets(y[rows], ignore_index)
         target_logit = logits.gather(1, target).squeeze(1)
         exp, row_max = _exp_shifted_(logits)
@@ -112,7 +121,7 @@ def chunked_linear_cross_entropy(
 
 
 @chunked_linear_cross_entropy.register_fake
-def _(h, w, labels, chunk_size, ignore_index=-100, reduction="mean", out_dtype=None):
+def _(h, w, labels, chunk_size, ignore_index=-100, reduction="mean", out_dtype=None, softcap=None):
     _check_args(h, w, labels, chunk_size, reduction)
     shape = (labels.numel(),) if reduction == "none" else ()
     return h.new_empty(shape, dtype=out_dtype or h.dtype)
@@ -127,6 +136,7 @@ def chunked_linear_cross_entropy_backward(
     chunk_size: int,
     ignore_index: int = -100,
     reduction: str = "mean",
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dw)`` of :func:`chunked_linear_cross_entropy` given the loss gradient ``grad``."""
     h2, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
@@ -141,27 +151,31 @@ def chunked_linear_cross_entropy_backward(
     for start in range(0, y.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h_c = h2[rows]
-        logits = _chunk_logits(h_c, w)
+        logits = _chunk_logits(h_c, w, softcap)
+        # d(softcap * tanh(z / softcap)) / dz = 1 - (capped / softcap)^2, before exp_ overwrites
+        dcap = None if softcap is None else 1.0 - (logits / softcap).square_()
         dlogits, _ = _exp_shifted_(logits)
         dlogits.div_(dlogits.sum(-1, keepdim=True))  # softmax
         _, target = _targets(y[rows], ignore_index)
         dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))
         dlogits *= row_weight[rows].unsqueeze(1)
+        if dcap is not None:
+            dlogits *= dcap
         dh[rows] = dlogits.to(h.dtype) @ w
         dw.addmm_(dlogits.t(), h_c.float())
-        del logits, dlogits  # free this chunk before the next one is computed
+        del logits, dlogits, dcap  # free this chunk before the next one is computed
     return dh.view(h.shape), dw.to(w.dtype)  # both contiguous, as the fake promises
 
 
 @chunked_linear_cross_entropy_backward.register_fake
-def _(grad, h, w, labels, chunk_size, ignore_index=-100, reduction="mean"):
+def _(grad, h, w, labels, chunk_size, ignore_index=-100, reduction="mean", softcap=None):
     return h.new_empty(h.shape), w.new_empty(w.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    h, w, labels, chunk_size, ignore_index, reduction, _out_dtype = inputs
+    h, w, labels, chunk_size, ignore_index, reduction, _out_dtype, softcap = inputs
     ctx.save_for_backward(h, w, labels)
-    ctx.config = (chunk_size, ignore_index, reduction)
+    ctx.config = (chunk_size, ignore_index, reduction, softcap)
 
 
 def _backward(ctx, grad: torch.Tensor):
@@ -169,7 +183,7 @@ def _backward(ctx, grad: torch.Tensor):
     dh, dw = torch.ops.torchgraft.chunked_linear_cross_entropy_backward(
         grad, h, w, labels, *ctx.config
     )
-    return dh, dw, None, None, None, None, None
+    return dh, dw, None, None, None, None, None, None
 
 
 chunked_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

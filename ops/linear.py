@@ -29,8 +29,18 @@ __all__ = [
     "fake_linear",
     "finish_grad_input",
     "finish_linear",
+    "linear_ops",
     "register_linear_autograd",
 ]
+
+_LINEAR_OPS: set[torch._ops.OpOverload] = set()
+
+
+def linear_ops() -> frozenset[torch._ops.OpOverload]:
+    """Every forward op registered with :func:`register_linear_autograd`: a drop-in for
+    ``F.linear`` (argument 1 is the weight ``[N, K]``), e.g. for tensor parallelism to
+    know which dim of a weight holds the output features."""
+    return frozenset(_LINEAR_OPS)
 
 
 def check_linear_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -118,3 +128,4 @@ def register_linear_autograd(
         return (dx, dw, dbias, *(None for _ in ctx.config))
 
     op.register_autograd(backward, setup_context=setup_context)
+    _LINEAR_OPS.add(op._opoverload)

@@ -125,6 +125,7 @@ def _chunked_ce(
     ignore_index: int = -100,
     reduction: str = "mean",
     out_dtype: torch.dtype | None = None,
+    softcap: float | None = None,
 ) -> Strategies:
     strategies: Strategies = [([_R], [_R, _R, _R])]
     if reduction == "sum":
@@ -143,6 +144,7 @@ def _chunked_ce_backward(
     chunk_size: int,
     ignore_index: int = -100,
     reduction: str = "mean",
+    softcap: float | None = None,
 ) -> Strategies:
     # Outputs (dh, dw), inputs (grad, h, w, labels).
     strategies: Strategies = [([_R, _R], [_R, _R, _R, _R])]

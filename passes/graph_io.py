@@ -3,10 +3,11 @@ graph does, so training loops, checkpoints and numerics checks use it unchanged.
 
 Every rank calls it with the same global batch. Inside, the graph
 
-* keeps only its own rows of each input under data parallelism (``BatchShard``): an
-  exported graph has its shapes baked in, so it must have been captured with one rank's
-  share of the batch (``batch // dp`` rows); ``torch.export``'s input guards then check
-  those rows;
+* keeps only its own rows of each input under data parallelism (``BatchShard``): an even
+  share of any global batch when the graph's batch dimension is symbolic (captured with
+  ``dynamic_shapes``), else exactly the rows it was captured with (an exported graph has
+  its shapes baked in, so it must have been captured with one rank's share of the batch,
+  ``batch // dp`` rows); ``torch.export``'s input guards then check those rows;
 * makes its inputs, and the tensors it creates from no tensor input, replicated DTensors on
   the tensor-parallel mesh (``ReplicateInput``);
 * turns DTensor outputs back into full tensors (``FullOutput``) and combines the
@@ -27,7 +28,14 @@ from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
-__all__ = ["BatchCombine", "BatchShard", "FullOutput", "ReplicateInput", "convert_inputs_outputs"]
+__all__ = [
+    "BatchCombine",
+    "BatchShard",
+    "FullOutput",
+    "ReplicateInput",
+    "convert_inputs_outputs",
+    "is_number",
+]
 
 _GUARDS = "_guards_fn"
 """``torch.export``'s input-shape check: it must see the inputs as exported."""
@@ -54,21 +62,28 @@ class FullOutput(nn.Module):
 class BatchShard(nn.Module):
     """This data-parallel rank's contiguous share of the rows (dim 0) of a global batch."""
 
-    def __init__(self, mesh: DeviceMesh, rows: int) -> None:
+    def __init__(self, mesh: DeviceMesh, rows: int | None) -> None:
         super().__init__()
         self.mesh = mesh
         self.rows = rows
-        """Rows per rank: the batch size the graph was captured with."""
+        """Rows per rank: the batch size the graph was captured with, or ``None`` for a
+        symbolic batch dimension (any global batch that splits evenly over the ranks)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ranks = self.mesh.size()
-        if x.shape[0] != self.rows * ranks:
+        rows = x.shape[0] // ranks if self.rows is None else self.rows
+        if self.rows is None and x.shape[0] % ranks:
             raise ValueError(
-                f"the graph was captured with {self.rows} rows per data-parallel rank, so with "
-                f"{ranks} ranks it takes a global batch of {self.rows * ranks} rows, not {x.shape[0]}"
+                f"a global batch of {x.shape[0]} rows does not split evenly over {ranks} "
+                "data-parallel ranks (each rank's loss is weighted equally)"
             )
-        start = self.rows * self.mesh.get_local_rank()
-        return x[start : start + self.rows]
+        if x.shape[0] != rows * ranks:
+            raise ValueError(
+                f"the graph was captured with {rows} rows per data-parallel rank, so with "
+                f"{ranks} ranks it takes a global batch of {rows * ranks} rows, not {x.shape[0]}"
+            )
+        start = rows * self.mesh.get_local_rank()
+        return x[start : start + rows]
 
 
 class BatchCombine(nn.Module):
@@ -100,14 +115,24 @@ def _insert_after(
 
 
 def _created_tensors(gm: fx.GraphModule) -> list[fx.Node]:
-    """Tensors the graph makes from no tensor input (``arange``, ``zeros`` ...)."""
+    """Tensors the graph makes from no tensor input (``arange``, ``zeros`` ...; with a
+    symbolic batch their sizes may come from ``sym_size`` nodes, which are no tensors)."""
     return [
         n
         for n in gm.graph.nodes
         if n.op == "call_function"
-        and not n.all_input_nodes
         and isinstance(n.meta.get("val"), torch.Tensor)
+        and all(is_number(a) for a in n.all_input_nodes)
     ]
+
+
+_NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def is_number(node: fx.Node) -> bool:
+    """Whether ``node`` computes a number, not a tensor: a size (``sym_size`` of a
+    symbolic batch dim) or arithmetic on sizes."""
+    return isinstance(node.meta.get("val"), _NUMBERS)
 
 
 def convert_inputs_outputs(
@@ -117,7 +142,8 @@ def convert_inputs_outputs(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in placeholders:
         if dp_mesh is not None:
-            shard = BatchShard(dp_mesh, rows=node.meta["val"].shape[0])
+            rows = node.meta["val"].shape[0]
+            shard = BatchShard(dp_mesh, rows=rows if isinstance(rows, int) else None)
             node = _insert_after(gm, node, f"tg_batch_shard_{node.name}", shard, guards=True)
         if tp_mesh is not None:
             _insert_after(gm, node, f"tg_replicate_{node.name}", ReplicateInput(tp_mesh))

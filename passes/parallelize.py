@@ -167,7 +167,8 @@ def parallelize(
 
     Under FSDP every rank computes its share of the global batch, and an exported graph's
     shapes are baked in: capture ``gm`` with ``batch // dp`` rows (``dp``: the size of the
-    ``"fsdp"`` mesh dim). The result still takes the global batch (see
+    ``"fsdp"`` mesh dim), or with a symbolic batch dim (``dynamic_shapes``; then any global
+    batch that splits evenly over the ranks). The result takes the global batch (see
     :mod:`~torchgraft.passes.graph_io`).
 
     ``gm``'s parameters are replaced by DTensors (same FQNs); the model it was captured from

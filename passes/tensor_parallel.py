@@ -5,9 +5,12 @@ explicit redistributions go where the plan's layouts meet.
 submodules are not ``nn.Linear``), so the plan is applied here, on the graph itself:
 
 * every parameter is distributed by the style of the module that owns it: ``colwise``
-  shards a weight ``[out, in]`` on dim 0 (and the bias), ``rowwise`` on dim 1 (bias
-  replicated), everything else is replicated. Buffers and tensor constants become
-  replicated DTensors.
+  shards a weight on its output features (and the bias), ``rowwise`` on its input features
+  (bias replicated), everything else is replicated. Which dim holds the output features is
+  read from the ops that consume the weight (:mod:`~torchgraft.passes.weight_layout`):
+  dim 0 for ``nn.Linear``'s ``[out, in]``, dim 1 for ``[in, out]`` (GPT-2's ``Conv1D`` as
+  ``aten.addmm``, ``x @ self.w``); a weight no matmul consumes is taken as ``[out, in]``.
+  Buffers and tensor constants become replicated DTensors.
 * a module's nodes are the graph nodes traced in it (``nn_module_stack``, which rewritten
   nodes inherit). Where a value enters a ``colwise`` module it is redistributed to
   ``Replicate`` (an all-gather under sequence parallelism, nothing otherwise); where it
@@ -39,6 +42,8 @@ from torch.distributed.tensor.placement_types import Placement
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.provenance import module_fqn, module_glob
 from torchgraft.ops.sharding import gather_cast, scatter_cast
+from torchgraft.passes.graph_io import is_number
+from torchgraft.passes.weight_layout import output_feature_dims
 
 __all__ = [
     "LLAMA_PLAN",
@@ -98,29 +103,50 @@ def module_styles(gm: fx.GraphModule, plan: Mapping[str, Style]) -> dict[str, St
     return styles
 
 
-def _placement(style: Style | None, ndim: int) -> Placement:
+def _placement(style: Style | None, ndim: int, output_dim: int) -> Placement:
+    """Where a parameter of a ``style`` module goes; ``output_dim``: the dim of a 2-D
+    weight that holds the output features."""
     if style == "colwise":
-        return Shard(0)
+        return Shard(output_dim if ndim == 2 else 0)
     if style == "rowwise" and ndim == 2:
-        return Shard(1)
+        return Shard(1 - output_dim)
     return Replicate()
 
 
 def _distribute_parameters(
     gm: fx.GraphModule, mesh: DeviceMesh, styles: Mapping[str, Style]
 ) -> None:
-    for fqn, param in list(gm.named_parameters()):
-        owner_fqn, _, name = fqn.rpartition(".")
-        placement = _placement(styles.get(owner_fqn), param.ndim)
+    """Replace every parameter by its DTensor, at each FQN it has: a tied parameter
+    (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) stays one object, placed by
+    the style of the first module that owns it."""
+    output_dims = output_feature_dims(gm)
+    aliases: dict[int, list[str]] = {}
+    for fqn, param in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(fqn)
+    for fqns in aliases.values():
+        param = gm.get_parameter(fqns[0])
+        output_dim = next((output_dims[f] for f in fqns if f in output_dims), 0)
+        placement = _placement(styles.get(fqns[0].rpartition(".")[0]), param.ndim, output_dim)
         if isinstance(placement, Shard) and param.shape[placement.dim] % mesh.size() != 0:
             raise TensorParallelError(
-                f"{fqn} {tuple(param.shape)}: dim {placement.dim} is not divisible by the "
+                f"{fqns[0]} {tuple(param.shape)}: dim {placement.dim} is not divisible by the "
                 f"tensor-parallel degree {mesh.size()}"
             )
         sharded = distribute_tensor(param.detach(), mesh, [placement])
-        gm.get_submodule(owner_fqn).register_parameter(
-            name, nn.Parameter(sharded, requires_grad=param.requires_grad)
-        )
+        new = nn.Parameter(sharded, requires_grad=param.requires_grad)
+        for fqn in fqns:
+            owner_fqn, _, name = fqn.rpartition(".")
+            gm.get_submodule(owner_fqn).register_parameter(name, new)
+
+
+def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Remove ``aten._assert_tensor_metadata`` nodes (export's check of a ``.to(dtype)``
+    input's dtype and device, e.g. in GPT-2): DTensor has no rule for them, and they
+    check what sharding does not change."""
+    for node in gm.graph.find_nodes(
+        op="call_function", target=torch.ops.aten._assert_tensor_metadata.default
+    ):
+        gm.graph.erase_node(node)
 
 
 def _replicate_constants(gm: fx.GraphModule, mesh: DeviceMesh) -> None:
@@ -175,9 +201,13 @@ def _boundary_edges(
         entry = {"colwise": "replicate", "rowwise": "shard(-1)"}.get(style)
         if entry is not None:
             for producer in node.all_input_nodes:
-                if producer.op != "get_attr" and owners.get(producer) != owner:
+                if (
+                    producer.op != "get_attr"
+                    and owners.get(producer) != owner
+                    and not is_number(producer)
+                ):
                     yield producer, node, entry
-        if style == "rowwise":
+        if style == "rowwise" and not is_number(node):
             ndim = node.meta["val"].ndim
             exit_layout = f"shard({ndim - 2})" if sequence_parallel else "replicate"
             for user in node.users:
@@ -247,6 +277,7 @@ def apply_tensor_parallel(
     if mesh.ndim != 1:
         raise TensorParallelError(f"tensor parallelism needs a 1-D mesh, got {mesh}")
     styles = module_styles(gm, plan)
+    _drop_metadata_asserts(gm)
     _distribute_parameters(gm, mesh, styles)
     _replicate_constants(gm, mesh)
     _insert_redistributions(gm, styles, sequence_parallel)

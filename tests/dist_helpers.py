@@ -23,11 +23,16 @@ from torch import fx
 from torch.distributed.device_mesh import init_device_mesh
 
 import torchgraft as tg
+from torchgraft.config import parse_config
+from torchgraft.ir.dynamic_batch import batch_dynamic_shapes
 from torchgraft.models import build_llama
+from torchgraft.models.hf import build_causal_lm
 from torchgraft.ops import sqnr
 from torchgraft.ops.sharding import gather_float8, scatter_float8_grad
 from torchgraft.passes.parallelize import parallelize
 from torchgraft.train import TrainConfig, train
+from torchgraft.train.job import run_job
+from torchgraft.train.lm import NextTokenLoss
 
 WORLD_SIZE = 2
 BATCH, SEQ_LEN, STEPS = 4, 16, 10
@@ -88,6 +93,52 @@ def converted_llama(handlers: Sequence[Any], rows: int = BATCH, *, with_loss: bo
     if handlers:
         tg.PassManager(list(handlers)).run(gm)
     return gm
+
+
+GPT2 = dict(
+    vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+)
+"""A tiny transformers GPT-2: its projections are ``Conv1D`` (weight ``[in, out]``,
+exported as ``aten.addmm``)."""
+GPT2_PLAN = {
+    "h.*.attn.c_attn": "colwise",
+    "h.*.attn.c_proj": "rowwise",
+    "h.*.mlp.c_fc": "colwise",
+    "h.*.mlp.c_proj": "rowwise",
+}
+
+
+def gpt2_graph() -> fx.GraphModule:
+    """The tiny GPT-2 with its next-token loss (dropout off), captured with a dynamic batch."""
+    tokens = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
+    config = {**GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    model = NextTokenLoss(build_causal_lm("gpt2", **config))
+    return tg.capture(model, (tokens, tokens), dynamic_shapes=batch_dynamic_shapes([tokens] * 2))
+
+
+def seeded_step(module: torch.nn.Module, rows: int) -> torch.Tensor:
+    """Forward and backward of ``module(tokens, labels)`` on a seeded batch of ``rows``
+    rows; returns the loss."""
+    g = torch.Generator().manual_seed(rows)
+    tokens, labels = (torch.randint(0, 256, (rows, SEQ_LEN), generator=g) for _ in range(2))
+    loss = module(tokens, labels)
+    loss.backward()
+    return loss.detach()
+
+
+def take_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient (the full tensor of a DTensor's), cleared after."""
+    grads = {}
+    for name, p in module.named_parameters():
+        grads[name] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        p.grad = None
+    return grads
+
+
+def loss_and_grads(module: torch.nn.Module, rows: int) -> tuple[torch.Tensor, dict]:
+    """:func:`seeded_step`'s loss and :func:`take_grads`."""
+    loss = seeded_step(module, rows)
+    return loss, take_grads(module)
 
 
 def train_logits(
@@ -206,3 +257,40 @@ def resume_parallel(rank: int, world: int, checkpoint_dir: str, steps: int, para
     dp = world // parallel.get("tp", 1) if parallel.get("fsdp") else 1
     gm = parallelize(converted_llama([], rows=BATCH // dp, with_loss=True), parallel)
     return train(gm, resume_config(checkpoint_dir, steps)).losses
+
+
+def gpt2_tensor_parallel(rank: int, world: int, rows: Sequence[int]):
+    """The tiny GPT-2 tensor-parallel by :data:`GPT2_PLAN` over all ranks, with and without
+    sequence parallelism: for each, the loss and gradients of one batch of each of ``rows``
+    (the graph's batch dim is symbolic), every parameter's placements, and how many
+    all-gathers those steps' forward and backward ran."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    results = {}
+    for sequence_parallel in (False, True):
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        options = {"plan": GPT2_PLAN, "sequence_parallel": sequence_parallel}
+        gm = parallelize(gpt2_graph(), options, mesh)
+        steps, gathers = [], 0
+        for n in rows:
+            with CommDebugMode() as comm:  # one per step: its module tracker breaks on reuse
+                loss = seeded_step(gm, n)
+            gathers += comm.get_comm_counts()[torch.ops.c10d_functional.all_gather_into_tensor]
+            steps.append((loss, take_grads(gm)))
+        placements = {n: tuple(p.placements) for n, p in gm.named_parameters()}
+        results[sequence_parallel] = (steps, placements, gathers)
+    return results
+
+
+def run_config(rank: int, world: int, text: str, out: str, rows: Sequence[int]):
+    """``torchgraft run`` of the config ``text`` on every rank, then the trained module on a
+    batch of each of ``rows``: its losses, and per row count the loss and gradients, or the
+    error it raised."""
+    result = run_job(parse_config(text), out_dir=out)
+    fed: dict[int, Any] = {}
+    for n in rows:
+        try:
+            fed[n] = loss_and_grads(result.module, n)
+        except ValueError as exc:
+            fed[n] = str(exc)
+    return result.train.losses, result.metrics["dynamic_batch"], fed

@@ -235,6 +235,11 @@ CASES = [
     # --- capture, handlers, verify, parallel, compile
     C("capture-method", config_text(capture="{method: trace}"), "capture.method"),
     C("capture-strict", config_text(capture="{strict: yes please}"), "capture.strict"),
+    C(
+        "capture-dynamic-batch",
+        config_text(capture="{dynamic_batch: sometimes}"),
+        "capture.dynamic_batch",
+    ),
     C("capture-unknown", config_text(capture="{methd: export}"), "methd"),
     C("handlers-int", config_text(handlers="5"), "handlers"),
     C("handler-options-int", config_text(handlers="[{float8: 5}]"), "handlers[0]"),

@@ -12,6 +12,7 @@ import torchgraft as tg
 from torchgraft.handlers.chunked_loss import ChunkedCrossEntropy
 from torchgraft.handlers.options import OptionError
 from torchgraft.models import build_llama
+from torchgraft.ops.numerics import sqnr
 from torchgraft.tools.memory import measure
 
 aten = torch.ops.aten
@@ -61,6 +62,29 @@ def test_op_matches_unchunked(reduction, h_shape, vocab, chunk):
         torch.testing.assert_close(grad, ref)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_op_soft_caps_each_chunk(reduction):
+    """``softcap``: the loss of ``cap * tanh(logits / cap)``, forward and backward, against
+    the unchunked float64 formula (logits large enough for the cap to bend them)."""
+    h, w = _randn(3, 13, 32, seed=14), _randn(50, 32, seed=15)
+    labels = _labels((3, 13), 50, seed=16)
+    cap = 4.0
+
+    def reference(h, w):
+        logits = torch.tanh(F.linear(h.double(), w.double()) / cap) * cap
+        return F.cross_entropy(logits.reshape(-1, 50), labels.reshape(-1), reduction=reduction)
+
+    def chunked(h, w):
+        return ops.chunked_linear_cross_entropy(h, w, labels, 8, -100, reduction, None, cap)
+
+    ref_loss, ref_grads = _loss_and_grads(reference, h, w)
+    loss, grads = _loss_and_grads(chunked, h, w)
+    assert sqnr(loss, ref_loss) > 100
+    assert min(sqnr(g, r) for g, r in zip(grads, ref_grads)) > 100
+    uncapped = ops.chunked_linear_cross_entropy(h, w, labels, 8, -100, reduction)
+    assert sqnr(uncapped, ref_loss) < 40  # the cap changes the loss
+
+
 def test_op_ignore_index_and_all_ignored():
     h, w = _randn(6, 8, seed=4), _randn(11, 8, seed=5)
     labels = torch.tensor([3, 7, 7, 0, 10, 2])
@@ -98,12 +122,17 @@ def test_opcheck():
             "none",
             torch.float32,
         ),
+        (h, w, labels, 8, -100, "mean", None, 3.0),
     ]:
         torch.library.opcheck(ops.chunked_linear_cross_entropy, args)
     grad = torch.rand((), generator=torch.Generator().manual_seed(13)) + 0.5
     torch.library.opcheck(
         ops.chunked_linear_cross_entropy_backward,
         (grad, h.detach(), w.detach(), labels, 8, -100, "sum"),
+    )
+    torch.library.opcheck(
+        ops.chunked_linear_cross_entropy_backward,
+        (grad, h.detach(), w.detach(), labels, 8, -100, "mean", 3.0),
     )
 
 

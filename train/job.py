@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchgraft.config import Config, ConfigError
+from torchgraft.ir.dynamic_batch import has_dynamic_batch
 from torchgraft.passes import PassManager
 from torchgraft.passes.compile_stage import cache_counts
 from torchgraft.passes.parallelize import (
@@ -50,6 +51,9 @@ class JobResult:
     status: str = STATUS_FINISHED
     """:data:`STATUS_FINISHED` or :data:`STATUS_ALREADY_FINISHED` (a non-finite stop raises
     :class:`NonFiniteError` after writing ``metrics.json``)."""
+    module: nn.Module | None = None
+    """The trained module (``forward(tokens, labels)`` → loss): parallelized and compiled as
+    the config says. With ``metrics["dynamic_batch"]`` it takes any batch size."""
 
 
 def run_job(
@@ -75,7 +79,9 @@ def run_job(
     model = config.build_model()
     batch = _capture_inputs(config, train_config, model)
     module_report = pm.convert_module(model)  # module-stage handlers, before capture
-    gm, inputs = config.judged_graph(model, batch, strict=True)
+    wanted = config.dynamic_batch(pm.stages)
+    gm, inputs = config.judged_graph(model, batch, strict=True, dynamic_batch=wanted)
+    dynamic = has_dynamic_batch(gm)  # wanted, and the model allowed it
     pm.inputs = inputs  # what verify runs the graph on
     if dump_ir is not None:
         from torchgraft.tools.ir_dump import dump_ir as write_ir_dump
@@ -88,9 +94,10 @@ def run_job(
     try:
         result = train(runnable, train_config, handlers=hooks)
     except NonFiniteError as exc:
-        _write_metrics(
-            out, _metrics(config, report, exc.result, None, train_config, STATUS_NONFINITE)
+        metrics = _metrics(
+            config, report, exc.result, None, train_config, dynamic, STATUS_NONFINITE
         )
+        _write_metrics(out, metrics)
         raise
     cache = {k: v - cache_before[k] for k, v in cache_counts().items()}
     if dump_ir is not None and "joint" in pm.stages:  # traced during the first step
@@ -99,22 +106,26 @@ def run_job(
         dump_joint(runnable, dump_ir)
     if not result.losses and (out / METRICS_FILE).is_file():
         kept = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
-        return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED)
+        return JobResult(out, report, result, None, kept, STATUS_ALREADY_FINISHED, module=runnable)
     baseline = None
     if config.train.compare_baseline:
-        baseline_gm, _ = config.judged_graph(config.build_model(), batch, strict=True)
+        baseline_gm, _ = config.judged_graph(
+            config.build_model(), batch, strict=True, dynamic_batch=dynamic
+        )
         baseline_config = baseline_train_config(train_config)
         try:
             baseline = train(_parallelize_and_compile(config, baseline_gm), baseline_config)
         except NonFiniteError as exc:
-            metrics = _metrics(config, report, result, exc.result, train_config, STATUS_NONFINITE)
+            metrics = _metrics(
+                config, report, result, exc.result, train_config, dynamic, STATUS_NONFINITE
+            )
             _write_metrics(out, metrics)
             raise
-    metrics = _metrics(config, report, result, baseline, train_config)
+    metrics = _metrics(config, report, result, baseline, train_config, dynamic)
     if config.compile.enabled:
         metrics["compile"] = cache
     if not is_main_process():
-        return JobResult(out, report, result, baseline, metrics)
+        return JobResult(out, report, result, baseline, metrics, module=runnable)
     _write_metrics(out, metrics)
     if baseline is not None:
         from torchgraft.train.plot import plot_losses
@@ -126,7 +137,7 @@ def run_job(
             out / LOSS_PLOT_FILE,
             reference="baseline",
         )
-    return JobResult(out, report, result, baseline, metrics)
+    return JobResult(out, report, result, baseline, metrics, module=runnable)
 
 
 class _TrainTimeout:
@@ -182,7 +193,8 @@ def _capture_inputs(
     """The example inputs to capture with: one training batch as ``model.inputs`` (or,
     omitted, ``train``) gives it — ``(tokens,)`` for ``forward(tokens)`` returning logits,
     ``(tokens, labels)`` for ``forward(tokens, labels)`` returning the loss — or one
-    data-parallel rank's rows of it under FSDP (the captured graph has static shapes)."""
+    data-parallel rank's rows of it under FSDP (whose graph takes the global batch, and, its
+    batch dimension captured static, only that size)."""
     specs = config.batch_specs(model)
     where = config.locations.get("model.inputs") or config.locations.get("model")
     batch = (train_config.batch_size, train_config.seq_len)
@@ -252,6 +264,7 @@ def _metrics(
     result: TrainResult,
     baseline: TrainResult | None,
     train_config: TrainConfig,
+    dynamic_batch: bool,
     status: str = STATUS_FINISHED,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {
@@ -268,6 +281,7 @@ def _metrics(
         "wall_s": result.wall_s,
         "batch_size": train_config.batch_size,
         "seq_len": train_config.seq_len,
+        "dynamic_batch": dynamic_batch,
         "compiled": config.compile.enabled,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils._pytree import tree_leaves
 
 from torchgraft.ir.errors import TorchgraftError
@@ -153,7 +154,10 @@ def check_scalar_loss(gm: fx.GraphModule) -> None:
     values = [n.meta.get("val") if isinstance(n, fx.Node) else n for n in tree_leaves(output.args)]
     if len(values) == 1 and isinstance(values[0], torch.Tensor) and values[0].numel() == 1:
         return
-    shapes = [list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+    shapes = [
+        [optimization_hint(d) for d in v.shape] if isinstance(v, torch.Tensor) else type(v).__name__
+        for v in values
+    ]  # a symbolic batch dim shown as the example's size
     raise UnsupportedModelError(
         f"forward(tokens, labels) returned {shapes[0] if len(shapes) == 1 else shapes}, not a "
         "scalar loss (give model.inputs one tensor if forward(tokens) returns logits)"
