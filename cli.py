@@ -247,8 +247,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Stages: module-stage handlers run on a freshly built model, graph-stage ones on a "
         "copy of its captured graph; a plan with joint-stage handlers also captures again "
-        "and traces one joint forward+backward step (an AOTAutograd trace: seconds). "
-        "Compile-stage rules are not run: they run when torch.compile compiles (torchgraft run)."
+        "and traces one joint forward+backward step (an AOTAutograd trace: seconds); one with "
+        "compile-stage handlers (and none at the joint stage) compiles one forward+backward "
+        "step of the converted graph with torch.compile, FX graph cache bypassed (an Inductor "
+        "compile: seconds to a minute on CPU), judges the handlers on each post-grad graph "
+        "(overlap, order, clobber; no_match over forward and backward together) and verifies "
+        "the compiled step against the eager one."
     )
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -167,13 +167,24 @@ class PassManager:
 
         return compile_with_stage(self, module, report, **compile_kwargs)
 
-    def rewrite_stage(self, gm: fx.GraphModule, stage: str) -> Report:
+    def rewrite_stage(
+        self, gm: fx.GraphModule, stage: str, *, no_match: bool = True, judged: bool = False
+    ) -> Report:
         """Apply one stage's handlers to ``gm`` in place as one transaction (no verify),
-        with the clobber and no-match checks; the caller recompiles. Used by the joint and
-        compile stages on the graphs they are handed."""
-        checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
+        with the clobber and (``no_match``) no-match checks; the caller recompiles. Used by
+        the joint and compile stages on the graphs they are handed. ``judged`` adds the
+        checks that compare the stage's handlers, as ``check`` runs them on the graph stage:
+        ``overlap`` (on ``gm`` before the rewrite) and ``order``. The compile stage is handed
+        several graphs (forward, backward) and passes ``no_match=False``: a handler may
+        match in only one of them (:mod:`~torchgraft.passes.compile_capture` counts them)."""
+        checks: list[Observer] = [ClobberCheck(self.ordering)]
+        checks += [NoMatchCheck()] if no_match else []
+        static = []
+        if judged and stage in self.stages:
+            static = find_overlaps(gm.graph, self.stages[stage])
+            checks.insert(0, OrderCheck(self.ordering))
         report = self._apply(gm, checks, stage=stage)
-        report.problems = [p for check in checks for p in check.problems]
+        report.problems = static + [p for check in checks for p in check.problems]
         return report
 
     def check(

@@ -76,6 +76,16 @@ def split_stages(ordering: Ordering) -> dict[str, Ordering]:
     return parts
 
 
+def backward_module_stacks(graph: torch.fx.Graph) -> None:
+    """Give each backward node of an AOTAutograd graph (joint, or Inductor's post-grad
+    backward) its forward module's FQN: copy ``fwd_nn_module_stack`` to ``nn_module_stack``
+    where that is missing, so ``include`` / ``exclude`` / ``where`` filters and provenance
+    work on backward nodes as on forward ones."""
+    for node in graph.nodes:
+        if "nn_module_stack" not in node.meta and "fwd_nn_module_stack" in node.meta:
+            node.meta["nn_module_stack"] = node.meta["fwd_nn_module_stack"]
+
+
 def stage_names(steps: Sequence[Step]) -> dict[str, list[str]]:
     """Stage → handler names in run order, for the stages the plan uses (flow order)."""
     names = {stage: [s.name for s in steps if stage_of(s) == stage] for stage in STAGES}

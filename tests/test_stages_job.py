@@ -76,3 +76,16 @@ def test_check_traces_the_joint_stage(tmp_path):
     assert [p.kind for p in result.problems] == ["no_match"]
     assert result.problems[0].handlers == ("t_joint_gelu_backward",)
     assert result.matches["selective_recompute"] > 50
+
+
+def test_check_compiles_the_compile_stage(tmp_path):
+    handlers = "  - onednn_matmul\n  - t_compile_mm_twin\n  - t_compile_relu\n"
+    path = config(tmp_path, handlers=handlers)
+    result = parse_config(path.read_text(), path).check()
+    kinds = {(p.kind, p.handlers) for p in result.problems}
+    assert ("overlap", ("onednn_matmul", "t_compile_mm_twin")) in kinds
+    assert ("no_match", ("t_compile_relu",)) in kinds  # the Llama has no ReLU
+    assert ("no_match", ("t_compile_mm_twin",)) in kinds  # onednn_matmul took every mm first
+    # forward and backward graphs: 2 layers x 7 projections + head, and twice that
+    assert result.report.stage_matches()["compile"]["onednn_matmul"] == 45
+    assert "numerics" not in {p.kind for p in result.problems}

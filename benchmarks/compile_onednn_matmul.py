@@ -1,0 +1,110 @@
+"""Compile stage: step time of ``onednn_matmul`` vs the unconverted compiled step, and the
+FX graph cache hit of a second compile.
+
+Forward + backward of the ``debug`` Llama with its loss (dim 256, 6 layers, vocab 2048),
+batch 4 x 128, float32 on CPU, compiled with ``torch.compile`` (Inductor) three ways in
+one process: unconverted; with the ``onednn_matmul`` compile-stage handler (each float32
+``aten.mm`` of the post-grad forward and backward graphs on oneDNN instead of MKL); and,
+for reference, unconverted under torch's global switch
+``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` (which on a CPU without AMX routes
+float32 GEMMs to oneDNN without lowering their precision: check the SQNR column). Time =
+min over ``--rounds`` interleaved rounds of ``--repeat`` steps each; gradients are compared
+with the eager step. Then the converted step is compiled again after ``torch._dynamo.reset()``
+with an unchanged plan (an FX graph cache hit) and with a changed one (a miss).
+
+    python benchmarks/compile_onednn_matmul.py [--rounds 3] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+import torchgraft as tg
+from torchgraft.ir.graph_copy import copy_graph_module
+from torchgraft.models import build_llama
+from torchgraft.ops.numerics import sqnr
+from torchgraft.passes.compile_stage import cache_counts
+
+_KNOB = torch.backends.mkldnn.matmul
+
+
+def step(module, model, inputs) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    module(*inputs).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def compiled(gm, plan, report=None):
+    """A fresh compile of a copy of ``gm`` (new code object: nothing reused by Dynamo)."""
+    return tg.PassManager(plan).compile_module(copy_graph_module(gm), report)
+
+
+def timed_compile(gm, model, inputs, plan) -> tuple[float, dict[str, int]]:
+    """Seconds of the first (compiling) step after ``torch._dynamo.reset()``, and the
+    FX graph cache counters it moved."""
+    torch._dynamo.reset()
+    before = cache_counts()
+    module = compiled(gm, plan)
+    start = time.perf_counter()
+    step(module, model, inputs)
+    seconds = time.perf_counter() - start
+    return seconds, {k: v - before[k] for k, v in cache_counts().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tg-bench-inductor-")
+    model = build_llama("debug", with_loss=True, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randint(0, 256, (4, 128), generator=generator) for _ in range(2))
+    gm = tg.capture(model, inputs)
+    reference = step(gm, model, inputs)
+
+    report = tg.PassManager(["onednn_matmul"]).run(gm)
+    ways = {
+        "compiled (unconverted)": (compiled(gm, []), "none"),
+        "compiled + onednn_matmul": (compiled(gm, ["onednn_matmul"], report), "none"),
+        'unconverted, knob "bf16"': (compiled(gm, []), "bf16"),
+    }
+    quality = {}
+    for name, (module, knob) in ways.items():
+        _KNOB.fp32_precision = knob
+        grads = step(module, model, inputs)  # compiles
+        quality[name] = min(sqnr(grads[n], reference[n]) for n in grads if reference[n].norm() > 0)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(args.rounds):
+        for name, (module, knob) in ways.items():
+            _KNOB.fp32_precision = knob
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                step(module, model, inputs)
+                times[name].append(time.perf_counter() - start)
+    _KNOB.fp32_precision = "none"
+    base = min(times["compiled (unconverted)"])
+    print(f"rewritten GEMMs: {report.matches['onednn_matmul']} (forward + backward graphs)")
+    print(f"{'step':28} {'min ms':>8} {'vs unconverted':>15}  grads SQNR dB vs eager")
+    for name in ways:
+        best = min(times[name])
+        print(f"{name:28} {1e3 * best:8.1f} {best / base:14.2f}x  {quality[name]:.1f}")
+
+    print("\nFX graph cache (an empty cache directory, fresh Dynamo state each time):")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tg-bench-inductor-")
+    for label, plan in [
+        ("first compile", ["onednn_matmul"]),
+        ("unchanged plan again", ["onednn_matmul"]),
+        ("plan changed (wsd added)", ["onednn_matmul", "wsd"]),
+    ]:
+        seconds, cache = timed_compile(gm, model, inputs, plan)
+        print(f"  {label:36} first step {seconds:6.1f} s  {cache}")
+
+
+if __name__ == "__main__":
+    main()
