@@ -4,8 +4,8 @@
 
     torchgraft run [CONFIG] [--steps N] [--out DIR] [--dump-ir DIR]
     torchgraft check CONFIG [--json] [--expect FILE | --write-expect FILE] [--dump-ir DIR]
-    torchgraft viz CONFIG --out DIR [--fold-depth N] [--expand GLOB] [--dump-ir DIR]
-    torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node NAME]
+    torchgraft viz CONFIG --out DIR [--fold-depth N] [--expand GLOB] [--stage S] [--dump-ir DIR]
+    torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node NAME] [--stage S]
     torchgraft list [--import MODULE ...]
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
