@@ -156,8 +156,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _dump_ir_argument(
         parser,
         "with joint-stage handlers also joint.py, joint_forward.py and joint_backward.py once "
-        "the first step traced them (compile-stage graphs: torchgraft check or viz --stage "
-        "compile with --dump-ir)",
+        "the first step traced them; with compile-stage handlers each post-grad graph "
+        "Inductor compiles, over those handlers, in compile_forward/ and compile_backward/ "
+        "(none on an FX graph cache hit)",
     )
 
 

@@ -9,10 +9,11 @@ for reference, unconverted under torch's global switch
 ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` (which on a CPU without AMX routes
 float32 GEMMs to oneDNN without lowering their precision: check the SQNR column). Time =
 min over ``--rounds`` interleaved rounds of ``--repeat`` steps each; gradients are compared
-with the eager step. Then the converted step is compiled again after ``torch._dynamo.reset()``
+with the eager step. Wall time and process CPU time (min of each) are both shown: on a
+machine shared with other jobs the CPU time is the steadier one. Then the converted step is compiled again after ``torch._dynamo.reset()``
 with an unchanged plan (an FX graph cache hit) and with a changed one (a miss).
 
-    python benchmarks/compile_onednn_matmul.py [--rounds 3] [--repeat 5]
+    python benchmarks/compile_onednn_matmul.py [--rounds 3] [--repeat 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tg-bench-inductor-")
     model = build_llama("debug", with_loss=True, seed=0)
     generator = torch.Generator().manual_seed(0)
@@ -79,21 +83,27 @@ def main() -> None:
         _KNOB.fp32_precision = knob
         grads = step(module, model, inputs)  # compiles
         quality[name] = min(sqnr(grads[n], reference[n]) for n in grads if reference[n].norm() > 0)
-    times: dict[str, list[float]] = {name: [] for name in ways}
+    wall: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.rounds):
         for name, (module, knob) in ways.items():
             _KNOB.fp32_precision = knob
             for _ in range(args.repeat):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 step(module, model, inputs)
-                times[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
     _KNOB.fp32_precision = "none"
-    base = min(times["compiled (unconverted)"])
+    base, base_cpu = min(wall["compiled (unconverted)"]), min(cpu["compiled (unconverted)"])
     print(f"rewritten GEMMs: {report.matches['onednn_matmul']} (forward + backward graphs)")
-    print(f"{'step':28} {'min ms':>8} {'vs unconverted':>15}  grads SQNR dB vs eager")
+    print(f"threads: {torch.get_num_threads()}")
+    print(f"{'step':28} {'wall ms':>8} {'ratio':>6} {'CPU ms':>8} {'ratio':>6}  grads SQNR dB")
     for name in ways:
-        best = min(times[name])
-        print(f"{name:28} {1e3 * best:8.1f} {best / base:14.2f}x  {quality[name]:.1f}")
+        best, best_cpu = min(wall[name]), min(cpu[name])
+        print(
+            f"{name:28} {1e3 * best:8.1f} {best / base:5.2f}x {1e3 * best_cpu:8.1f} "
+            f"{best_cpu / base_cpu:5.2f}x  {quality[name]:.1f}"
+        )
 
     print("\nFX graph cache (an empty cache directory, fresh Dynamo state each time):")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tg-bench-inductor-")

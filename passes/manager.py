@@ -157,16 +157,23 @@ class PassManager:
         return joint_step(self, gm, report)
 
     def compile_module(
-        self, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
+        self,
+        module: nn.Module,
+        report: Report | None = None,
+        *,
+        rewrite: Callable[[fx.GraphModule], Report] | None = None,
+        **compile_kwargs: Any,
     ) -> nn.Module:
         """``torch.compile(module)`` with the plan's ``compile``-stage handlers installed as
         Inductor's post-grad custom pass for this compile, composed with a pass the user
         already installed (:mod:`~torchgraft.passes.compile_stage`); their matches are
         merged into ``report`` whenever Inductor compiles a graph (not on an FX graph
-        cache hit). Without compile-stage handlers it is a plain ``torch.compile``."""
+        cache hit). Without compile-stage handlers it is a plain ``torch.compile``.
+        ``rewrite(graph_module)`` replaces how each post-grad graph is rewritten (default:
+        :meth:`rewrite_stage`); ``--dump-ir`` passes one that also writes the graphs."""
         from torchgraft.passes.compile_stage import compile_with_stage
 
-        return compile_with_stage(self, module, report, **compile_kwargs)
+        return compile_with_stage(self, module, report, rewrite=rewrite, **compile_kwargs)
 
     def rewrite_stage(
         self, gm: fx.GraphModule, stage: str, *, no_match: bool = True, judged: bool = False

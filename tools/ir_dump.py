@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import fx
 
+from torchgraft.ir.graph_copy import copy_graph_module
+from torchgraft.passes.compile_capture import graph_name
 from torchgraft.passes.manager import HandlerSpec, PassManager
+from torchgraft.passes.report import Report
 from torchgraft.tools.graph_copy import run_on_copy
 from torchgraft.tools.stage_graphs import stage_graphs
 
@@ -101,6 +104,25 @@ def dump_stages(
                 folder = Path(out_dir) / graph.label.replace(" ", "_")
                 paths += dump_ir(graph.module, handlers, folder, stage)
     return paths
+
+
+def compile_dumper(
+    pm: PassManager, handlers: Sequence[HandlerSpec], out_dir: str | Path
+) -> Callable[[fx.GraphModule], Report]:
+    """A ``rewrite`` for :meth:`~torchgraft.PassManager.compile_module` that, for each
+    post-grad graph Inductor compiles, writes :func:`dump_ir` of it over the compile-stage
+    handlers to ``out_dir/compile_<forward|backward>/``, then rewrites it as usual. A graph
+    loaded from the FX graph cache is not compiled, so it is not written."""
+    names: list[str] = []
+
+    def rewrite(owner: fx.GraphModule) -> Report:
+        names.append(graph_name(owner, names))
+        dump_ir(
+            copy_graph_module(owner), handlers, Path(out_dir) / f"compile_{names[-1]}", "compile"
+        )
+        return pm.rewrite_stage(owner, "compile", no_match=False)
+
+    return rewrite
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
