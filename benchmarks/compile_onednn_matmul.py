@@ -27,8 +27,8 @@ Measured on the shared 2-core AMD EPYC (Zen 4) machine, under load from other jo
       unchanged plan again                 first step    1.5 s  {'cache_hits': 2, 'cache_misses': 0}
       plan changed (wsd added)             first step   12.3 s  {'cache_hits': 0, 'cache_misses': 2}
 
-With two threads the ratio was 0.65x, 0.70x and 0.34x in three runs and 1.22x (slower) in
-a fourth (load 5-7): see the README.
+With two threads at load 1.6-2.4: 0.66x (85 vs 129 ms, CPU time 0.66x); under heavier load
+(5-7) 0.65x, 0.70x, 0.34x and once 1.22x (slower): see the README.
 
     python benchmarks/compile_onednn_matmul.py [--rounds 3] [--repeat 5] [--threads N]
 """
