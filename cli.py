@@ -4,8 +4,8 @@
 
     torchgraft run [CONFIG] [--steps N] [--out DIR] [--dump-ir DIR]
     torchgraft check CONFIG [--json] [--expect FILE | --write-expect FILE] [--dump-ir DIR]
-    torchgraft viz CONFIG --out DIR [--fold-depth N] [--expand GLOB] [--dump-ir DIR]
-    torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node NAME]
+    torchgraft viz CONFIG --out DIR [--fold-depth N] [--expand GLOB] [--stage S] [--dump-ir DIR]
+    torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node NAME] [--stage S]
     torchgraft list [--import MODULE ...]
 
 Exit codes: 0 no problems, 1 problems found, 2 unusable input (a config that cannot be
@@ -53,6 +53,7 @@ from torchgraft.ir.pattern import target_name
 from torchgraft.tools.plain_text import plain_text
 
 if TYPE_CHECKING:
+    import torch
     from torch import fx
 
     from torchgraft.config import Config
@@ -152,7 +153,13 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, help="override train.steps")
     parser.add_argument("--out", metavar="DIR", help="override output.dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _dump_ir_argument(parser)
+    _dump_ir_argument(
+        parser,
+        "with joint-stage handlers also joint.py, joint_forward.py and joint_backward.py once "
+        "the first step traced them; with compile-stage handlers each post-grad graph "
+        "Inductor compiles, over those handlers, in compile_forward/ and compile_backward/ "
+        "(none on an FX graph cache hit)",
+    )
 
 
 RUN_HELP = (
@@ -232,11 +239,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _dump_ir_argument(parser: argparse.ArgumentParser) -> None:
+def _dump_ir_argument(parser: argparse.ArgumentParser, later_stages: str) -> None:
     parser.add_argument(
         "--dump-ir",
         metavar="DIR",
-        help="write the graph's code after each handler (numbered) and a diff per step to DIR",
+        help="write the graph's code after each handler (numbered) and a diff per step to DIR; "
+        + later_stages,
     )
 
 
@@ -247,8 +255,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Stages: module-stage handlers run on a freshly built model, graph-stage ones on a "
         "copy of its captured graph; a plan with joint-stage handlers also captures again "
-        "and traces one joint forward+backward step (an AOTAutograd trace: seconds). "
-        "Compile-stage rules are not run: they run when torch.compile compiles (torchgraft run)."
+        "and traces one joint forward+backward step (an AOTAutograd trace: seconds); one with "
+        "compile-stage handlers (and none at the joint stage) compiles one forward+backward "
+        "step of the converted graph with torch.compile, FX graph cache bypassed (an Inductor "
+        "compile: seconds to a minute on CPU), judges the handlers on each post-grad graph "
+        "(overlap, order, clobber; no_match over forward and backward together) and verifies "
+        "the compiled step against the eager one."
     )
     parser.add_argument("config", help="YAML run config")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -259,7 +271,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     expect.add_argument(
         "--write-expect", metavar="FILE", help="write order, match counts and ops to FILE"
     )
-    _dump_ir_argument(parser)
+    _dump_ir_argument(
+        parser,
+        "a plan with joint or compile-stage handlers also gets each graph of those stages in "
+        "a subdirectory (joint/, compile_forward/, compile_backward/), from one more traced or "
+        "compiled step",
+    )
 
 
 @command(
@@ -294,18 +311,25 @@ def check(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_PROBLEMS
 
 
-def _captured(config: Config) -> fx.GraphModule:
-    """Import, build and capture the config's model as ``check`` judges it (its batch
-    dimension static, which reads more plainly in ``viz`` and ``explain``); returns the
-    graph module."""
+def _captured(config: Config) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Import and build the config's model, run the plan's module stage on it and capture it
+    as ``check`` judges it (its batch dimension static, which reads more plainly in ``viz``
+    and ``explain``); returns the graph module and its example inputs."""
+    from torchgraft.passes.manager import PassManager
+    from torchgraft.passes.problems import acceptable_kinds
+
     config.import_modules()
-    return config.judged_graph(config.build_model())[0]
+    model = config.build_model()
+    pm = PassManager(list(config.handlers), allow=acceptable_kinds())
+    if not pm.problems:
+        pm.convert_module(model)
+    return config.judged_graph(model)
 
 
 def _dump_ir(config: Config, out_dir: str) -> None:
-    from torchgraft.tools.ir_dump import dump_ir
+    from torchgraft.tools.ir_dump import dump_stages
 
-    paths = dump_ir(_captured(config), list(config.handlers), out_dir)
+    paths = dump_stages(*_captured(config), list(config.handlers), out_dir)
     print(f"wrote {len(paths)} IR dump files to {out_dir}")
 
 
@@ -330,7 +354,8 @@ def viz(args: argparse.Namespace) -> int:
     preflight.check_output_dir(args.out, "--out")
     if args.dump_ir:
         preflight.check_output_dir(args.dump_ir, "--dump-ir")
-    return visualize.main(args, _captured(config), list(config.handlers))
+    gm, inputs = _captured(config)
+    return visualize.main(args, gm, list(config.handlers), inputs)
 
 
 def _explain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -348,7 +373,8 @@ def explain(args: argparse.Namespace) -> int:
     from torchgraft.tools import explain as explain_tool
 
     config = load_config(args.config)
-    return explain_tool.main(args, _captured(config), list(config.handlers))
+    gm, inputs = _captured(config)
+    return explain_tool.main(args, gm, list(config.handlers), inputs)
 
 
 # ----------------------------------------------------------------------------- list

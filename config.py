@@ -381,7 +381,10 @@ class Config:
         itself has problems, run the module stage on it, capture and dry-run every check
         (numerics always verified) on the graph ``torchgraft run`` would train
         (:meth:`judged_graph`); a plan with joint-stage handlers also traces one joint step
-        of the converted graph (their matches and problems are added)."""
+        of the converted graph, one with compile-stage handlers (and none at the joint
+        stage, which ``run`` cannot combine with compiling) compiles one forward + backward
+        step with them (:func:`~torchgraft.passes.compile_capture.capture_compile`); their
+        matches and problems are added."""
         self.import_modules()
         model = self.build_model()
         pm = self.pass_manager()
@@ -400,6 +403,14 @@ class Config:
                 joint_report = check_joint(pm, gm, inputs)
                 result.problems += joint_report.problems
                 result.report.merge(dataclasses.replace(joint_report, problems=[]))
+            elif "compile" in pm.stages and result.ok:  # compile one step of the converted graph
+                from torchgraft.passes.compile_capture import check_compile
+
+                compile_report = check_compile(pm, gm, inputs)
+                found = compile_report.problems
+                result.problems += [p for p in found if p.kind not in pm.allow]
+                result.allowed += [p for p in found if p.kind in pm.allow]
+                result.report.merge(dataclasses.replace(compile_report, problems=[]))
         return result
 
     def judged_graph(

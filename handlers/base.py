@@ -152,13 +152,20 @@ class Handler:
 
     @classmethod
     def rules(cls) -> list[Rule]:
-        """The rules declared in the class body (and its bases), in declaration order."""
-        seen: dict[int, Rule] = {}
+        """The rules declared in the class body and its bases, in declaration order (bases
+        first). A subclass rule of the same name overrides the base's, in the base rule's
+        place; a subclass attribute that is not a rule (``relu = None``) removes the base
+        rule declared under that attribute."""
+        found: dict[str, Rule] = {}
+        attributes: dict[str, str] = {}  # attribute → name of the rule declared under it
         for klass in reversed(cls.__mro__):
-            for value in vars(klass).values():
+            for attribute, value in vars(klass).items():
                 if isinstance(value, Rule):
-                    seen.setdefault(id(value), value)
-        return list(seen.values())
+                    found[value.name] = value
+                    attributes[attribute] = value.name
+                elif attribute in attributes:
+                    found.pop(attributes.pop(attribute), None)
+        return list(found.values())
 
     def reject(self, match: Match) -> str | None:
         """Instance-level filter applied to every match of this handler's rules.

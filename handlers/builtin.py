@@ -9,6 +9,7 @@ from torchgraft.handlers import (  # noqa: F401  (imported to register the handl
     lora,
     muon,
     mx,
+    onednn_matmul,
     recompute,
     wsd,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -32,9 +32,12 @@ class OptimizerClaim:
     """FQN globs left out of the claim even if ``params`` matches them."""
     ndim: int | None = None
     """Only parameters with this many dimensions (e.g. 2 for matrix optimizers)."""
+    exclude_roles: tuple[str, ...] = ()
+    """Roles left out of the claim, found by structure rather than name
+    (:func:`~torchgraft.handlers.roles.parameter_roles`: ``"embedding"``, ``"head"``)."""
 
     def __post_init__(self) -> None:
-        for field in ("params", "exclude"):
+        for field in ("params", "exclude", "exclude_roles"):
             value = getattr(self, field)
             if isinstance(value, str) or not all(isinstance(g, str) for g in value):
                 raise TypeError(
@@ -55,11 +58,12 @@ class OptimizerClaim:
                     f"it takes {sorted(set(accepted) - {'params'})}"
                 )
 
-    def covers(self, fqn: str, param: torch.Tensor) -> bool:
-        """Whether this claim owns parameter ``fqn``."""
+    def covers(self, fqn: str, param: torch.Tensor, roles: Collection[str] = frozenset()) -> bool:
+        """Whether this claim owns parameter ``fqn``, whose structural roles are ``roles``."""
         return (
             any(fnmatchcase(fqn, g) for g in self.params)
             and not any(fnmatchcase(fqn, g) for g in self.exclude)
+            and not set(self.exclude_roles) & set(roles)
             and (self.ndim is None or param.ndim == self.ndim)
         )
 
@@ -76,10 +80,14 @@ class ClaimConflict:
 
 
 def resolve_claims(
-    handlers: Iterable[tuple[str, object]], named_params: Sequence[tuple[str, torch.Tensor]]
+    handlers: Iterable[tuple[str, object]],
+    named_params: Sequence[tuple[str, torch.Tensor]],
+    roles: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[dict[str, tuple[str, OptimizerClaim]], list[ClaimConflict]]:
     """Parameter FQN → ``(handler name, claim)`` for every claimed parameter, and the
-    conflicts (one per pair of handlers claiming a common parameter).
+    conflicts (one per pair of handlers claiming a common parameter). ``roles`` are the
+    parameters' structural roles (:func:`~torchgraft.handlers.roles.parameter_roles`), which
+    ``exclude_roles`` of a claim leave out.
 
     ``handlers`` are ``(name, handler)`` pairs in plan order; a handler without
     ``optimizer_claims`` claims nothing. Within one handler the first claim covering a
@@ -93,7 +101,7 @@ def resolve_claims(
         mine: set[str] = set()
         for claim in claims:
             for fqn, param in named_params:
-                if fqn in mine or not claim.covers(fqn, param):
+                if fqn in mine or not claim.covers(fqn, param, (roles or {}).get(fqn, ())):
                     continue
                 mine.add(fqn)
                 if fqn in owners:

@@ -9,6 +9,8 @@ whose backward is itself made of custom ops (so it survives ``torch.export`` and
   int8_grad_weight, gemm)`` (:mod:`.int8`)
 * ``torchgraft::mx_linear(x, w, bias, fmt)`` (:mod:`.mx`)
 * ``torchgraft::bitnet_linear(x, w, bias, gemm)`` (:mod:`.bitnet`)
+* ``torchgraft::onednn_mm(a, b)`` (:mod:`.onednn`): a float32 ``mm`` on oneDNN, for
+  Inductor's post-grad graphs (no autograd formula)
 
 and their ``*_grad_input`` / ``*_grad_weight`` backward ops. Each forward op is a drop-in
 for ``F.linear(x, w, bias)``. Shared pieces: :mod:`.quant` (quantization primitives),
@@ -26,6 +28,7 @@ from .float8 import (
 from .int8 import int8_linear
 from .mx import mx_linear
 from .numerics import sqnr
+from .onednn import onednn_mm
 
 __all__ = [
     "bitnet_linear",
@@ -34,6 +37,7 @@ __all__ = [
     "float8_linear",
     "int8_linear",
     "mx_linear",
+    "onednn_mm",
     "precompute_float8_weight_scales",
     "sqnr",
 ]

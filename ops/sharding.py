@@ -41,7 +41,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import Placement
 
-from . import bitnet, chunked_ce, flex, float8, int8, mx, norm  # noqa: F401  (registers the ops)
+from . import bitnet, chunked_ce, flex, float8, int8, mx, norm, onednn  # noqa: F401  (registers the ops)
 from .quant import saturating_cast
 
 __all__ = [
@@ -166,6 +166,12 @@ def _mm_strategies(scales: Callable[[Placement, Placement], PlacementList]) -> S
 @register_sharding(aten._int_mm.default)
 def _int_mm(a: DTensorSpec, b: DTensorSpec) -> Strategies:
     # int32 partial sums over K add up exactly.
+    return _mm_strategies(lambda a, b: [])
+
+
+@register_sharding(tg_ops.onednn_mm.default)
+def _onednn_mm(a: DTensorSpec, b: DTensorSpec) -> Strategies:
+    # A float32 mm: sharded like aten.mm (partial sums over K differ only in rounding).
     return _mm_strategies(lambda a, b: [])
 
 

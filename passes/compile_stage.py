@@ -32,7 +32,7 @@ from torchgraft.handlers.base import Handler
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import CheckError
 from torchgraft.passes.report import Report
-from torchgraft.passes.stages import stage_names
+from torchgraft.passes.stages import backward_module_stacks, stage_names
 
 if TYPE_CHECKING:
     from torchgraft.passes.manager import PassManager
@@ -64,6 +64,7 @@ class CompileStagePass(CustomGraphPass):
         owner = graph.owning_module
         if owner is None:
             owner = fx.GraphModule(torch.nn.Module(), graph)
+        backward_module_stacks(graph)
         stage_report = self.rewrite(owner)
         stage_report.stages = {}
         self.report.merge(stage_report)
@@ -106,11 +107,18 @@ def cache_counts() -> dict[str, int]:
 
 
 def compile_with_stage(
-    pm: PassManager, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
+    pm: PassManager,
+    module: nn.Module,
+    report: Report | None = None,
+    *,
+    rewrite: Callable[[fx.GraphModule], Report] | None = None,
+    **compile_kwargs: Any,
 ) -> nn.Module:
     """:meth:`PassManager.compile_module`: ``torch.compile`` with ``pm``'s compile-stage
     handlers installed for this compile (composed with the pass already configured or given
-    in ``options``), or a plain ``torch.compile`` without them."""
+    in ``options``), or a plain ``torch.compile`` without them. ``rewrite`` replaces how
+    each post-grad graph is rewritten (default: ``pm.rewrite_stage``, without ``no_match``,
+    which is judged over all graphs of a compile by ``torchgraft check``)."""
     if pm.problems:
         raise CheckError(pm.problems)
     steps = pm.stage_steps("compile")
@@ -118,13 +126,12 @@ def compile_with_stage(
         return torch.compile(module, **compile_kwargs)
     if report is None:
         report = Report(order=pm.order, stages=stage_names(pm.steps))
+    if rewrite is None:
+
+        def rewrite(owner: fx.GraphModule) -> Report:
+            return pm.rewrite_stage(owner, "compile", no_match=False)
+
     options = dict(compile_kwargs.pop("options", None) or {})
     previous = options.get(CONFIG_KEY, getattr(inductor_config, CONFIG_KEY))
-    options[CONFIG_KEY] = CompileStagePass(
-        steps,
-        lambda owner: pm.rewrite_stage(owner, "compile"),
-        report,
-        stage_names(pm.steps),
-        previous,
-    )
+    options[CONFIG_KEY] = CompileStagePass(steps, rewrite, report, stage_names(pm.steps), previous)
     return torch.compile(module, options=options, **compile_kwargs)

@@ -37,11 +37,12 @@ from torch.utils.checkpoint import CheckpointPolicy
 if TYPE_CHECKING:
     from torchgraft.passes.manager import PassManager
 
+from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import CheckError, Problem
 from torchgraft.passes.report import Report
-from torchgraft.passes.stages import policy_handler, stage_names
-from torchgraft.passes.verify import Verifier, exact_tolerance
+from torchgraft.passes.stages import backward_module_stacks, policy_handler, stage_names
+from torchgraft.passes.verify import verify_stage
 
 _POLICIES = {"save": CheckpointPolicy.MUST_SAVE, "recompute": CheckpointPolicy.MUST_RECOMPUTE}
 
@@ -73,6 +74,8 @@ class JointModule(nn.Module):
         self._rewrite, self.steps, self.report = rewrite, steps, report
         self._compiled: Callable[..., Any] | None = None
         self._shapes: list[tuple[int, ...]] | None = None
+        self.joint_before: fx.GraphModule | None = None
+        """The joint graph as traced, before the joint-stage handlers (for the tools)."""
         self.joint_graph: fx.GraphModule | None = None
         """The rewritten joint graph, once traced (for inspection)."""
         self.partitioned: tuple[fx.GraphModule, fx.GraphModule] | None = None
@@ -107,9 +110,8 @@ class JointModule(nn.Module):
     def _partition(
         self, joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        for node in joint.graph.nodes:
-            if "nn_module_stack" not in node.meta and "fwd_nn_module_stack" in node.meta:
-                node.meta["nn_module_stack"] = node.meta["fwd_nn_module_stack"]
+        backward_module_stacks(joint.graph)
+        self.__dict__["joint_before"] = copy_graph_module(joint)  # for the tools
         stage_report = self._rewrite(joint)
         stage_report.stages = {}
         policies, problems = _apply_policies(joint, self.steps)
@@ -189,31 +191,9 @@ def verify_joint(
     gm: fx.GraphModule, step: JointModule, inputs: Sequence[torch.Tensor] | None = None
 ) -> list[Problem]:
     """``numerics``: the joint step's outputs and parameter gradients against ``gm``'s
-    eager step on the same inputs (default: random ones), held to the joint handlers'
-    tightest ``sqnr_tolerance`` (exact-rewrite rounding room when none declares one).
-    Traces ``step`` if it was not yet called."""
-    verifier = Verifier(gm, inputs)
-    if verifier.reference is None:
-        return verifier.problems
-    db, worst = verifier.judge(step)
-    declared = [s.handler.sqnr_tolerance for s in step.steps]
-    declared = [t for t in declared if t is not None]
-    tolerance = min(declared) if declared else exact_tolerance(verifier.reference)
-    if db >= tolerance:
-        return []
-    names = tuple(s.name for s in step.steps)
-    return [
-        Problem(
-            "numerics",
-            names,
-            None,
-            None,
-            None,
-            f"the joint step rewritten by {', '.join(repr(n) for n in names)} gives the {worst} "
-            f"an SQNR of {db:.1f} dB against the captured graph's eager step, below the "
-            f"{tolerance:.1f} dB required",
-        )
-    ]
+    eager step (:func:`~torchgraft.passes.verify.verify_stage`). Traces ``step`` if it was
+    not yet called."""
+    return verify_stage(gm, step, step.steps, "joint step", inputs)
 
 
 def check_joint(pm: PassManager, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Report:

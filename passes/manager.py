@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import OptionError
+from torchgraft.handlers.roles import parameter_roles
 from torchgraft.ir.errors import RewriteError
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.pattern import target_name
@@ -156,24 +157,42 @@ class PassManager:
         return joint_step(self, gm, report)
 
     def compile_module(
-        self, module: nn.Module, report: Report | None = None, **compile_kwargs: Any
+        self,
+        module: nn.Module,
+        report: Report | None = None,
+        *,
+        rewrite: Callable[[fx.GraphModule], Report] | None = None,
+        **compile_kwargs: Any,
     ) -> nn.Module:
         """``torch.compile(module)`` with the plan's ``compile``-stage handlers installed as
         Inductor's post-grad custom pass for this compile, composed with a pass the user
         already installed (:mod:`~torchgraft.passes.compile_stage`); their matches are
         merged into ``report`` whenever Inductor compiles a graph (not on an FX graph
-        cache hit). Without compile-stage handlers it is a plain ``torch.compile``."""
+        cache hit). Without compile-stage handlers it is a plain ``torch.compile``.
+        ``rewrite(graph_module)`` replaces how each post-grad graph is rewritten (default:
+        :meth:`rewrite_stage`); ``--dump-ir`` passes one that also writes the graphs."""
         from torchgraft.passes.compile_stage import compile_with_stage
 
-        return compile_with_stage(self, module, report, **compile_kwargs)
+        return compile_with_stage(self, module, report, rewrite=rewrite, **compile_kwargs)
 
-    def rewrite_stage(self, gm: fx.GraphModule, stage: str) -> Report:
+    def rewrite_stage(
+        self, gm: fx.GraphModule, stage: str, *, no_match: bool = True, judged: bool = False
+    ) -> Report:
         """Apply one stage's handlers to ``gm`` in place as one transaction (no verify),
-        with the clobber and no-match checks; the caller recompiles. Used by the joint and
-        compile stages on the graphs they are handed."""
-        checks: list[Observer] = [ClobberCheck(self.ordering), NoMatchCheck()]
+        with the clobber and (``no_match``) no-match checks; the caller recompiles. Used by
+        the joint and compile stages on the graphs they are handed. ``judged`` adds the
+        checks that compare the stage's handlers, as ``check`` runs them on the graph stage:
+        ``overlap`` (on ``gm`` before the rewrite) and ``order``. The compile stage is handed
+        several graphs (forward, backward) and passes ``no_match=False``: a handler may
+        match in only one of them (:mod:`~torchgraft.passes.compile_capture` counts them)."""
+        checks: list[Observer] = [ClobberCheck(self.ordering)]
+        checks += [NoMatchCheck()] if no_match else []
+        static = []
+        if judged and stage in self.stages:
+            static = find_overlaps(gm.graph, self.stages[stage])
+            checks.insert(0, OrderCheck(self.ordering))
         report = self._apply(gm, checks, stage=stage)
-        report.problems = [p for check in checks for p in check.problems]
+        report.problems = static + [p for check in checks for p in check.problems]
         return report
 
     def check(
@@ -240,7 +259,7 @@ class PassManager:
         problems ``allow`` does not accept: roll back and raise :class:`CheckError`."""
         static = find_overlaps(gm.graph, self.stages["graph"]) if "graph" in self.stages else []
         static += find_unmatched_filters(gm.graph, self.steps)
-        static += claim_problems(self.steps, list(gm.named_parameters()))
+        static += claim_problems(self.steps, list(gm.named_parameters()), parameter_roles(gm))
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),

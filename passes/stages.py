@@ -13,7 +13,7 @@ side is checked here too: two handlers claiming one parameter, or two LR schedul
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -76,6 +76,16 @@ def split_stages(ordering: Ordering) -> dict[str, Ordering]:
     return parts
 
 
+def backward_module_stacks(graph: torch.fx.Graph) -> None:
+    """Give each backward node of an AOTAutograd graph (joint, or Inductor's post-grad
+    backward) its forward module's FQN: copy ``fwd_nn_module_stack`` to ``nn_module_stack``
+    where that is missing, so ``include`` / ``exclude`` / ``where`` filters and provenance
+    work on backward nodes as on forward ones."""
+    for node in graph.nodes:
+        if "nn_module_stack" not in node.meta and "fwd_nn_module_stack" in node.meta:
+            node.meta["nn_module_stack"] = node.meta["fwd_nn_module_stack"]
+
+
 def stage_names(steps: Sequence[Step]) -> dict[str, list[str]]:
     """Stage → handler names in run order, for the stages the plan uses (flow order)."""
     names = {stage: [s.name for s in steps if stage_of(s) == stage] for stage in STAGES}
@@ -125,11 +135,14 @@ def schedule_problems(steps: Sequence[Step]) -> list[Problem]:
 
 
 def claim_problems(
-    steps: Sequence[Step], named_params: Sequence[tuple[str, torch.Tensor]]
+    steps: Sequence[Step],
+    named_params: Sequence[tuple[str, torch.Tensor]],
+    roles: Mapping[str, Collection[str]] | None = None,
 ) -> list[Problem]:
     """``overlap``: parameters that two handlers claim for their optimizers; ``no_match``:
-    a non-optional handler whose claims cover no parameter."""
-    owners, conflicts = resolve_claims([(s.name, s.handler) for s in steps], named_params)
+    a non-optional handler whose claims cover no parameter. ``roles``: the parameters'
+    structural roles (:func:`~torchgraft.handlers.roles.parameter_roles`)."""
+    owners, conflicts = resolve_claims([(s.name, s.handler) for s in steps], named_params, roles)
     sources = {s.name: s.source for s in steps}
     problems = [
         Problem("overlap", c.handlers, None, None, sources[c.handlers[1]], conflict_message(c))

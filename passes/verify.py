@@ -335,3 +335,39 @@ def _worst(current: Values, reference: Values, floors: dict[str, float]) -> tupl
 def exact_tolerance(reference: Values) -> float:
     dtypes = [t.dtype for t in reference.values() if t.is_floating_point()]
     return min((EXACT_SQNR_DB.get(d, 80.0) for d in dtypes), default=80.0)
+
+
+def verify_stage(
+    gm: fx.GraphModule,
+    module: nn.Module,
+    steps: Sequence[Step],
+    what: str,
+    inputs: Sequence[torch.Tensor] | None = None,
+) -> list[Problem]:
+    """``numerics``: ``module`` (``gm``'s step rewritten by a later stage's handlers
+    ``steps``: the joint step, the compiled step) against ``gm``'s eager step on the same
+    inputs (default: random ones), outputs and parameter gradients, held to the handlers'
+    tightest ``sqnr_tolerance`` (exact-rewrite rounding room when none declares one).
+    ``what`` names the step in the message (``"joint step"``)."""
+    verifier = Verifier(gm, inputs)
+    if verifier.reference is None:
+        return verifier.problems
+    db, worst = verifier.judge(module)
+    declared = [s.handler.sqnr_tolerance for s in steps]
+    declared = [t for t in declared if t is not None]
+    tolerance = min(declared) if declared else exact_tolerance(verifier.reference)
+    if db >= tolerance:
+        return []
+    names = tuple(s.name for s in steps)
+    return [
+        Problem(
+            "numerics",
+            names,
+            None,
+            None,
+            None,
+            f"the {what} rewritten by {', '.join(repr(n) for n in names)} gives the {worst} "
+            f"an SQNR of {db:.1f} dB against the captured graph's eager step, below the "
+            f"{tolerance:.1f} dB required",
+        )
+    ]

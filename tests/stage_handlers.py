@@ -38,3 +38,22 @@ class TJointGeluBackward(tg.Handler):
     @gelu_backward.replacement
     def _(grad, x):
         return grad
+
+
+@tg.register_handler("t_compile_mm_twin")
+class TCompileMmTwin(tg.Handler):
+    """Compile stage: a second rule on ``aten.mm`` (``a @ b`` as ``(bᵀ aᵀ)ᵀ``), unordered
+    with ``onednn_matmul``: an ``overlap``."""
+
+    stage = "compile"
+
+    @tg.rule
+    def mm(a, b):
+        return aten.mm.default(a, b)
+
+    @mm.replacement
+    def _(a, b):
+        return aten.permute.default(
+            aten.mm.default(aten.permute.default(b, [1, 0]), aten.permute.default(a, [1, 0])),
+            [1, 0],
+        )

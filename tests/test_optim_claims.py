@@ -73,6 +73,42 @@ def test_claims_split_the_parameters_between_optimizers():
     assert type(build_optimizer(model, tiny_config(), [])) is torch.optim.AdamW
 
 
+class Renamed(nn.Module):
+    """A language model whose embedding and head have no usual name, and a hidden layer
+    shaped like the head (width -> vocabulary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(256, 32)
+        self.up = nn.Linear(32, 256)
+        self.down = nn.Linear(256, 32)
+        self.readout = nn.Linear(32, 256, bias=False)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.table(tokens)
+        h = h + self.down(torch.relu(self.up(h)))
+        return nn.functional.cross_entropy(self.readout(h).flatten(0, 1), labels.flatten())
+
+
+def test_muon_leaves_embedding_and_head_to_adamw_by_structure():
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = tg.capture(Renamed(), (tokens, tokens))
+    optimizer = build_optimizer(gm, tiny_config(), handlers("muon"))
+    adamw, muon = optimizer.optimizers
+    names = {id(p): n for n, p in gm.named_parameters()}
+    owned = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert owned == {"up.weight", "down.weight"}  # "up" is shaped like a head, but is not one
+    kept = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert {"table.weight", "readout.weight"} <= kept
+    # by name as well, if asked; an unknown role is refused
+    plan = handlers({"muon": {"exclude": ["down.*"], "exclude_roles": ["head"]}})
+    optimizer = build_optimizer(gm, tiny_config(), plan)
+    owned = {names[id(p)] for g in optimizer.optimizers[1].param_groups for p in g["params"]}
+    assert owned == {"table.weight", "up.weight"}
+    refused = tg.PassManager([{"muon": {"exclude_roles": ["bias"]}}]).problems
+    assert [p.kind for p in refused] == ["bad_option"] and "roles are" in refused[0].message
+
+
 def test_two_claims_on_one_parameter_and_two_schedules_are_overlaps(llama_gm):
     pm = tg.PassManager(["muon", SGDOnNorms(also=["*wq*"])])
     problems = pm.check(llama_gm)

@@ -144,3 +144,42 @@ def test_replacement_naming_a_parameter_at_another_position_is_refused():
         @pat.replacement
         def _(w, bias):
             return w
+
+
+def test_a_subclass_rule_overrides_the_base_rule_of_that_name(llama_gm):
+    class Base(tg.Handler):
+        @tg.rule
+        def relu(x):
+            return aten.relu.default(x)
+
+        @relu.replacement
+        def _(x):
+            return aten.gelu.default(x)
+
+        @tg.rule
+        def silu(x):
+            return aten.silu.default(x)
+
+        @silu.replacement
+        def _(x):
+            return aten.gelu.default(x)
+
+    class Derived(Base):
+        @tg.rule
+        def relu(x):
+            return aten.relu.default(x)
+
+        @relu.replacement
+        def _(x):
+            return aten.clamp_min.default(x, 0.0)
+
+    class WithoutSilu(Base):
+        silu = None
+
+    assert [r.name for r in Base.rules()] == ["relu", "silu"]
+    assert Derived.rules() == [Derived.relu, Base.silu]  # overridden in the base rule's place
+    assert WithoutSilu.rules() == [Base.relu]
+    report = tg.PassManager([Derived]).run(llama_gm)  # the tiny Llama: SiLU, no ReLU
+    assert report.rule_matches == {"Derived": {"relu": 0, "silu": 2}}
+    with pytest.raises(tg.CheckError, match="no_match|rewrote nothing"):
+        tg.PassManager([WithoutSilu]).run(llama_gm)

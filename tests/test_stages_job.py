@@ -1,4 +1,4 @@
-"""`torchgraft run` with handlers at every stage but compile: metrics list the stages and
+"""`torchgraft run` and `check` with handlers at every stage: metrics list the stages and
 their matches; unsupported stage combinations are refused naming handler and config key."""
 
 from __future__ import annotations
@@ -76,3 +76,31 @@ def test_check_traces_the_joint_stage(tmp_path):
     assert [p.kind for p in result.problems] == ["no_match"]
     assert result.problems[0].handlers == ("t_joint_gelu_backward",)
     assert result.matches["selective_recompute"] > 50
+
+
+def test_check_compiles_the_compile_stage(tmp_path):
+    handlers = "  - onednn_matmul\n  - t_compile_mm_twin\n  - t_compile_relu\n"
+    path = config(tmp_path, handlers=handlers)
+    result = parse_config(path.read_text(), path).check()
+    kinds = {(p.kind, p.handlers) for p in result.problems}
+    assert ("overlap", ("onednn_matmul", "t_compile_mm_twin")) in kinds
+    assert ("no_match", ("t_compile_relu",)) in kinds  # the Llama has no ReLU
+    assert ("no_match", ("t_compile_mm_twin",)) in kinds  # onednn_matmul took every mm first
+    # forward and backward graphs: 2 layers x 7 projections + head, and twice that
+    assert result.report.stage_matches()["compile"]["onednn_matmul"] == 45
+    assert "numerics" not in {p.kind for p in result.problems}
+
+
+def test_run_compiles_the_compile_stage_and_dumps_its_graphs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold cache
+    path = config(tmp_path, handlers="  - onednn_matmul\n")
+    path.write_text(path.read_text() + "compile: {enabled: true}\n")
+    dump = tmp_path / "ir"
+    code = cli.main(["run", str(path), "--no-progress", "--steps", "2", "--dump-ir", str(dump)])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["stage_matches"] == {"compile": {"onednn_matmul": 45}}
+    assert metrics["compile"]["cache_misses"] >= 2  # forward and backward compiled
+    for graph in ("compile_forward", "compile_backward"):
+        diff = (dump / graph / "01_onednn_matmul.diff").read_text()
+        assert "+" in diff and "torchgraft.onednn_mm" in diff

@@ -6,7 +6,8 @@ Example::
     for explanation in explain_plan(gm, "float8", rule="linear", module="layers.0.*"):
         print(format_explanation(explanation))
 
-Command line: ``torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node N]``.
+Command line: ``torchgraft explain CONFIG --handler NAME [--rule R] [--module GLOB | --node N]
+[--stage graph|joint|compile]`` (default: the handler's own stage).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 
+import torch
 from torch import fx
 
 from torchgraft.handlers.base import Handler
@@ -27,6 +29,7 @@ from torchgraft.ir.rule import Rule
 from torchgraft.passes.manager import HandlerSpec, PassManager, instantiate
 from torchgraft.passes.report import Report
 from torchgraft.tools.graph_copy import run_on_copy
+from torchgraft.tools.stage_graphs import add_stage_argument, stage_graphs
 
 # A hint per failure kind of the engine (torchgraft.ir.matcher.FAILURE_KINDS).
 HINTS: dict[str, str] = {
@@ -201,20 +204,24 @@ def explain_plan(
     module: str | None = None,
     node: str | None = None,
     earlier: Sequence[HandlerSpec] = (),
+    stage: str = "graph",
 ) -> list[RuleExplanation]:
     """Explain each rule of ``handler`` (or only ``rule``) at each candidate node.
 
     Candidates are the nodes whose op is the pattern's anchor (its last op), restricted to
     nodes inside a module matching the FQN glob ``module``; or just the node named ``node``,
     whatever its op. The graph is ``gm`` after the ``earlier`` handlers of the plan, applied
-    to a copy (``gm`` is not changed), i.e. what ``handler`` sees when the plan runs.
+    to a copy (``gm`` is not changed), i.e. what ``handler`` sees when the plan runs. ``gm``
+    is a graph of ``stage`` (:func:`~torchgraft.tools.stage_graphs.stage_graphs`: the
+    captured graph, a joint graph, an Inductor post-grad graph); the earlier handlers of
+    that stage are applied to it.
     """
     if module is not None and node is not None:
         raise TorchgraftError("explain takes a module glob or a node name, not both")
     handler = instantiate(handler)
     report = None
     if earlier:
-        gm, report = run_on_copy(gm, earlier)
+        gm, report = run_on_copy(gm, earlier, stage)
     graph = gm.graph
     chosen = _find_node(graph, node, report) if node is not None else None
     explanations = []
@@ -265,13 +272,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--module", metavar="GLOB", help="only candidates inside these modules")
     where.add_argument("--node", metavar="NAME", help="only this node (of any op)")
+    add_stage_argument(parser, default=None, shown_default="the handler's own stage")
 
 
-def main(args: argparse.Namespace, gm: fx.GraphModule, handlers: Sequence[HandlerSpec]) -> int:
+def main(
+    args: argparse.Namespace,
+    gm: fx.GraphModule,
+    handlers: Sequence[HandlerSpec],
+    inputs: Sequence[torch.Tensor] | None = None,
+) -> int:
     """Run ``torchgraft explain`` on a captured graph and the config's handlers; exit status.
 
     A handler of the plan is explained with its configured options on the graph the earlier
-    handlers leave; a handler not in the plan, with default options on the captured graph.
+    handlers of its stage leave; a handler not in the plan, with default options on the
+    stage's graph before the plan's handlers of that stage. The stage is ``args.stage``,
+    by default the handler's own; for ``joint`` and ``compile`` the plan's graph stage
+    converts ``gm`` first and one step on ``inputs`` gives the graphs
+    (:func:`~torchgraft.tools.stage_graphs.stage_graphs`), each explained in turn.
     """
     plan = PassManager(handlers).handlers
     names = [h.display_name for h in plan]
@@ -281,11 +298,28 @@ def main(args: argparse.Namespace, gm: fx.GraphModule, handlers: Sequence[Handle
     else:
         print(
             f"note: '{args.handler}' is not in the plan {names}; explaining it with default "
-            "options on the captured graph"
+            "options before the plan's handlers of its stage"
         )
-        handler, earlier = args.handler, []
-    explanations = explain_plan(
-        gm, handler, rule=args.rule, module=args.module, node=args.node, earlier=earlier
-    )
-    print("\n\n".join(format_explanation(e) for e in explanations))
+        handler, earlier = instantiate(args.handler), []
+    stage = args.stage or type(handler).stage
+    if stage == "module":
+        raise TorchgraftError(
+            f"handler '{args.handler}' runs at stage 'module' (it converts the eager model and "
+            "has no rules to explain); its conversion is in the captured graph"
+        )
+    graph_plan = handlers if args.handler in names else [*handlers, handler]
+    graphs = stage_graphs(gm, graph_plan, stage, inputs)
+    for graph in graphs:
+        explanations = explain_plan(
+            graph.module,
+            handler,
+            rule=args.rule,
+            module=args.module,
+            node=args.node,
+            earlier=earlier,
+            stage=stage,
+        )
+        if len(graphs) > 1 or stage != "graph":
+            print(f"== {graph.label} graph ({len(graph.module.graph.nodes)} nodes) ==")
+        print("\n\n".join(format_explanation(e) for e in explanations))
     return 0

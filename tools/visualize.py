@@ -9,7 +9,9 @@ Example::
 ``before.svg`` and ``after.svg`` (Graphviz ``dot``) are written next to the page. Nodes a
 handler created are filled with the handler's colour in the "after" graph; the nodes each
 rule matched are filled with it in the "before" graph. Large graphs are folded by module
-(:mod:`torchgraft.tools.folding`). Command line: ``torchgraft viz CONFIG --out DIR``.
+(:mod:`torchgraft.tools.folding`). Command line: ``torchgraft viz CONFIG --out DIR
+[--stage graph|joint|compile]``: a later stage's graphs (the joint graph, Inductor's post-grad
+forward and backward) get a page each, before and after that stage's handlers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from torch import fx
 
 from torchgraft.ir.provenance import META_KEY
@@ -31,6 +34,7 @@ from torchgraft.tools.graph_copy import run_on_copy
 from torchgraft.tools.graph_dot import NodeStyle, render_svg, to_dot
 from torchgraft.tools.html_page import LegendEntry, Panel, build_page
 from torchgraft.tools.node_info import details, is_op
+from torchgraft.tools.stage_graphs import add_stage_argument, stage_graphs
 
 DEFAULT_FOLD_DEPTH: int | None = 2
 """Fold nodes by module at this ``nn_module_stack`` depth (None: draw every node)."""
@@ -210,20 +214,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help=f"module FQN glob kept expanded when folding; repeatable (default {DEFAULT_EXPAND})",
     )
+    add_stage_argument(parser)
     ir_dump.add_arguments(parser)
 
 
-def main(args: argparse.Namespace, gm: fx.GraphModule, handlers: Sequence[HandlerSpec]) -> int:
-    """Run ``torchgraft viz`` on a captured graph and the config's handlers; exit status."""
-    rendering = visualize_plan(
-        gm,
-        handlers,
-        args.out,
+def main(
+    args: argparse.Namespace,
+    gm: fx.GraphModule,
+    handlers: Sequence[HandlerSpec],
+    inputs: Sequence[torch.Tensor] | None = None,
+) -> int:
+    """Run ``torchgraft viz`` on a captured graph and the config's handlers; exit status.
+
+    With ``--stage joint`` or ``compile``, each graph of that stage (one step on ``inputs``,
+    :func:`~torchgraft.tools.stage_graphs.stage_graphs`) gets its page in a subdirectory of
+    ``--out`` (``joint/``, ``compile_forward/``, ``compile_backward/``), before and after the
+    stage's handlers; ``--dump-ir`` then dumps those graphs the same way."""
+    fold = dict(
         fold_depth=args.fold_depth or None,
         expand=DEFAULT_EXPAND if args.expand is None else args.expand,
     )
-    print(f"wrote {rendering.html} ({rendering.before_svg.name}, {rendering.after_svg.name})")
-    if args.dump_ir is not None:
-        paths = ir_dump.dump_ir(gm, handlers, args.dump_ir)
-        print(f"wrote {len(paths)} IR files to {args.dump_ir}")
+    if args.stage == "graph":
+        rendering = visualize_plan(gm, handlers, args.out, **fold)
+        print(f"wrote {rendering.html} ({rendering.before_svg.name}, {rendering.after_svg.name})")
+        if args.dump_ir is not None:
+            paths = ir_dump.dump_ir(gm, handlers, args.dump_ir)
+            print(f"wrote {len(paths)} IR files to {args.dump_ir}")
+        return 0
+    for graph in stage_graphs(gm, handlers, args.stage, inputs):
+        folder = graph.label.replace(" ", "_")
+        after, report = run_on_copy(graph.module, handlers, args.stage)
+        title = f"torchgraft: {graph.label} graph before / after"
+        rendering = render(graph.module, after, report, args.out / folder, title=title, **fold)
+        print(f"wrote {rendering.html} ({graph.label} graph)")
+        if args.dump_ir is not None:
+            paths = ir_dump.dump_ir(graph.module, handlers, args.dump_ir / folder, args.stage)
+            print(f"wrote {len(paths)} IR files to {args.dump_ir / folder}")
     return 0

@@ -7,11 +7,12 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from torchgraft.config import Config, ConfigError
 from torchgraft.ir.dynamic_batch import has_dynamic_batch
@@ -66,7 +67,9 @@ def run_job(
 ) -> JobResult:
     """Run ``config`` end to end. ``steps`` / ``out_dir`` override ``train.steps`` /
     ``output.dir``; ``dump_ir`` writes the graph after each handler to that directory (and,
-    with joint-stage handlers, the rewritten joint graph and its forward / backward).
+    with joint-stage handlers, the rewritten joint graph and its forward / backward; with
+    compile-stage handlers, each post-grad graph Inductor compiles, over those handlers,
+    in ``compile_forward/`` and ``compile_backward/``).
 
     A run stopped by the non-finite limit writes ``metrics.json`` (``status: nonfinite``,
     the steps done) and re-raises :class:`NonFiniteError`. A resumed run that has no step
@@ -89,7 +92,14 @@ def run_job(
         write_ir_dump(gm, list(config.handlers), dump_ir)
     report = pm.run(gm).merge(module_report)
     cache_before = cache_counts()
-    runnable = _parallelize_and_compile(config, pm.joint_module(gm, report), pm, report)
+    rewrite = None
+    if dump_ir is not None and "compile" in pm.stages:  # written as Inductor compiles them
+        from torchgraft.tools.ir_dump import compile_dumper
+
+        rewrite = compile_dumper(pm, list(config.handlers), dump_ir)
+    runnable = _parallelize_and_compile(
+        config, pm.joint_module(gm, report), pm, report, rewrite=rewrite
+    )
     hooks = [*pm.handlers, *_train_timeout(config)]
     try:
         result = train(runnable, train_config, handlers=hooks)
@@ -218,15 +228,22 @@ def _capture_inputs(
 
 
 def _parallelize_and_compile(
-    config: Config, gm: nn.Module, pm: PassManager | None = None, report: Report | None = None
+    config: Config,
+    gm: nn.Module,
+    pm: PassManager | None = None,
+    report: Report | None = None,
+    rewrite: Callable[[fx.GraphModule], Report] | None = None,
 ) -> nn.Module:
     """Parallelize and compile as the config says; ``pm``'s compile-stage handlers run
-    inside the compile (matches merged into ``report``)."""
+    inside the compile (matches merged into ``report``; ``rewrite`` as
+    :meth:`~torchgraft.PassManager.compile_module` takes it)."""
     module: nn.Module = gm
     if config.parallel.enabled:
         module = parallelize(gm, config.parallel)
     if config.compile.enabled:
-        module = pm.compile_module(module, report) if pm is not None else torch.compile(module)
+        if pm is None:
+            return torch.compile(module)
+        module = pm.compile_module(module, report, rewrite=rewrite)
     return module
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from torchgraft.handlers.claims import conflict_message, resolve_claims
+from torchgraft.handlers.roles import parameter_roles
 from torchgraft.train.combined import CombinedOptimizer
 from torchgraft.train.config import TrainConfig
 
@@ -104,11 +105,13 @@ def build_optimizer(
     its optimizer class with its options (``lr`` defaulting to the config's), the rest to
     AdamW over :func:`build_param_groups` with the config's LR, betas and weight decay.
     Without claims that is a plain ``AdamW``; with claims, a :class:`CombinedOptimizer`.
+    A claim's ``exclude_roles`` are judged on ``model``'s structure
+    (:func:`~torchgraft.handlers.roles.parameter_roles`).
     A parameter claimed by two handlers is a ``ValueError`` (``torchgraft check`` reports
     it as an ``overlap`` problem first)."""
     params = [(fqn, p) for fqn, p in model.named_parameters() if p.requires_grad]
     named = [(getattr(h, "display_name", type(h).__name__), h) for h in handlers]
-    owners, conflicts = resolve_claims(named, params)
+    owners, conflicts = resolve_claims(named, params, parameter_roles(model))
     if conflicts:
         raise ValueError(conflict_message(conflicts[0]))
     groups = build_param_groups(
