@@ -1,10 +1,10 @@
 """Quantization primitives shared by the low-precision linear ops.
 
 Only what more than one format needs lives here: the saturating float8 cast (float8 and
-mxfp8 elements), exact power-of-two exponents (float8 rowwise scales and MX block scales),
-symmetric absmax int8 quantization (int8 and BitNet activations) and the exact float8 to
-float32 conversion (the emulated GEMMs, :mod:`.kernels`). Everything computes in float32
-unless stated otherwise.
+mxfp8 elements) and its values in float32 without the float8 bytes (the emulated GEMMs),
+exact power-of-two exponents (float8 rowwise scales and MX block scales), symmetric absmax
+int8 quantization (int8 and BitNet activations) and the exact float8 to float32 conversion
+(:mod:`.kernels`). Everything computes in float32 unless stated otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "float8_to_float32",
+    "float8_values",
     "floor_log2",
     "int8_absmax_quantize",
     "saturating_cast",
@@ -49,6 +50,40 @@ def float8_to_float32(t: torch.Tensor) -> torch.Tensor:
         codes = torch.arange(256, dtype=torch.uint8, device=t.device)
         table = _FLOAT8_VALUES[key] = codes.view(t.dtype).float()
     return table.index_select(0, t.view(torch.uint8).reshape(-1).long()).view(t.shape)
+
+
+# float8 format -> (mantissa bits, exponent of the smallest normal value).
+_FLOAT8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+_EXPONENT_MASK = 0x7F800000
+_HALF_MANTISSA = 0x00400000  # float32 mantissa bits of 1.5
+
+
+def float8_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``saturating_cast(t, dtype)`` as float32 values, without making the float8 bytes.
+
+    Equal to ``float8_to_float32(saturating_cast(t, dtype))`` for float32 ``t`` (a negative
+    value that rounds to zero gives ``+0.0`` instead of ``-0.0``; NaN stays NaN). On CPU the
+    float8 cast and the decode are 2 of 5 passes over the data; here, after the clamp, each
+    value ``v`` is rounded to the float8 grid by float32 arithmetic: with ``q`` the spacing
+    of float8 values at ``|v|`` (``2**(e - m)`` for ``|v|`` in ``[2**e, 2**(e+1))`` and ``m``
+    mantissa bits, at least the subnormal spacing ``2**(e_min - m)``) and
+    ``c = 1.5 * 2**23 * q``, ``v + c`` lies in ``[2**23 q, 2**24 q)`` whose float32 spacing
+    is ``q``, so the addition rounds ``v`` to a multiple of ``q``, to nearest, ties to even
+    (``c / q`` is even), exactly as the float8 cast does, and ``(v + c) - c`` is exact.
+    ``c`` comes from ``v``'s exponent bits (an int32 view). Other devices and tensor
+    subclasses (DTensor) cast and convert.
+    """
+    fmax = torch.finfo(dtype).max
+    if t.device.type != "cpu" or type(t) is not torch.Tensor or t.dtype != torch.float32:
+        return float8_to_float32(saturating_cast(t, dtype))
+    mantissa_bits, min_exponent = _FLOAT8_FORMATS[dtype]
+    shift = (23 - mantissa_bits) << 23  # 2**e -> 2**(e + 23 - m)
+    smallest = (min_exponent - mantissa_bits + 23 + 127) << 23 | _HALF_MANTISSA
+    v = t.clamp(-fmax, fmax)
+    c = torch.bitwise_and(v.view(torch.int32), _EXPONENT_MASK)
+    c.add_(shift | _HALF_MANTISSA).clamp_min_(smallest)  # NaN's exponent wraps negative
+    c = c.view(torch.float32)
+    return v.add_(c).sub_(c)
 
 
 def floor_log2(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Quantization primitives: fp4 e2m1 rounding, exact exponents, padded int8 GEMM, MX blocks."""
+"""Quantization primitives: fp4 e2m1 rounding, float8 values without float8 bytes, exact
+exponents, padded int8 GEMM, MX blocks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torchgraft.ops.kernels import int8_matmul
 from torchgraft.ops.mx import mx_fake_quantize, round_to_fp4_e2m1
 from torchgraft.ops.quant import (
     float8_to_float32,
+    float8_values,
     floor_log2,
     int8_absmax_quantize,
     saturating_cast,
@@ -91,3 +93,38 @@ def test_float8_to_float32_equals_torch_conversion_for_every_byte(dtype):
         float8_to_float32(every), every.float(), rtol=0, atol=0, equal_nan=True
     )
     assert float8_to_float32(every).shape == every.shape
+
+
+def _torch_float8_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fmax = torch.finfo(dtype).max
+    return t.clamp(-fmax, fmax).to(dtype).float()  # torch's own cast and conversion
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_values_round_like_the_float8_cast(dtype) -> None:
+    """Every float8 value, every exact tie between neighbours (ties to even), their float32
+    neighbours, both signs, random values over the whole float32 range, and the specials."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = codes[codes.isfinite()].unique()  # sorted, -fmax..fmax
+    ties = (grid[1:] + grid[:-1]) / 2  # exact in float32
+    points = torch.cat([grid, ties, grid * 1.5, torch.tensor([1e-45, 1e-40, 2.0**-126])])
+    up = torch.nextafter(points, torch.full_like(points, torch.inf))
+    down = torch.nextafter(points, torch.full_like(points, -torch.inf))
+    gen = torch.Generator().manual_seed(7)
+    spread = (
+        torch.randn(20_000, generator=gen)
+        * 2.0 ** torch.randint(-150, 128, (20_000,), generator=gen).float()
+    )
+    specials = torch.tensor([0.0, -0.0, torch.inf, -torch.inf, torch.nan, 3.4e38, -3.4e38])
+    t = torch.cat([points, up, down, -points, -up, -down, spread, specials])
+    got = float8_values(t, dtype)
+    want = _torch_float8_values(t, dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_float8_values_keep_the_input_and_its_layout() -> None:
+    t = torch.randn(64, 48, generator=torch.Generator().manual_seed(8)).mul(300).t()
+    before = t.clone()
+    got = float8_values(t, torch.float8_e4m3fn)
+    assert torch.equal(t, before) and got.shape == t.shape
+    assert torch.equal(got, _torch_float8_values(t, torch.float8_e4m3fn))
