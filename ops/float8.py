@@ -172,7 +172,9 @@ class _Operand(NamedTuple):
     def t(self) -> _Operand:
         """The transposed operand: row scales ``[M, 1]`` become column scales ``[1, M]``
         (reshaped, not transposed: ``_scaled_mm`` wants unit strides)."""
-        inverse = self.inverse.reshape(self.inverse.shape[::-1])
+        inverse = self.inverse
+        if inverse.dim() == 2:
+            inverse = inverse.reshape(inverse.shape[::-1])
         return _Operand(self.data.t(), inverse, self.dtype)
 
     def for_path(self, path: Choice) -> _Operand:
