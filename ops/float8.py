@@ -206,7 +206,10 @@ def _quantize(
     else:
         scale = _rowwise_scale(t, dim)
     scaled = t * scale
-    data = saturating_cast(scaled, dtype) if path == "native" else float8_values(scaled, dtype)
+    if path == "native":
+        data = saturating_cast(scaled, dtype)
+    else:  # a tensorwise scale maps amax to fmax (up to float32 rounding): no clamp needed
+        data = float8_values(scaled, dtype, clamp=recipe != "tensorwise")
     return _Operand(data, scale.reciprocal(), dtype)
 
 

@@ -55,35 +55,36 @@ def float8_to_float32(t: torch.Tensor) -> torch.Tensor:
 # float8 format -> (mantissa bits, exponent of the smallest normal value).
 _FLOAT8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 _EXPONENT_MASK = 0x7F800000
-_HALF_MANTISSA = 0x00400000  # float32 mantissa bits of 1.5
 
 
-def float8_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def float8_values(t: torch.Tensor, dtype: torch.dtype, clamp: bool = True) -> torch.Tensor:
     """``saturating_cast(t, dtype)`` as float32 values, without making the float8 bytes.
 
     Equal to ``float8_to_float32(saturating_cast(t, dtype))`` for float32 ``t`` (a negative
     value that rounds to zero gives ``+0.0`` instead of ``-0.0``; NaN stays NaN). On CPU the
-    float8 cast and the decode are 2 of 5 passes over the data; here, after the clamp, each
-    value ``v`` is rounded to the float8 grid by float32 arithmetic: with ``q`` the spacing
-    of float8 values at ``|v|`` (``2**(e - m)`` for ``|v|`` in ``[2**e, 2**(e+1))`` and ``m``
-    mantissa bits, at least the subnormal spacing ``2**(e_min - m)``) and
-    ``c = 1.5 * 2**23 * q``, ``v + c`` lies in ``[2**23 q, 2**24 q)`` whose float32 spacing
-    is ``q``, so the addition rounds ``v`` to a multiple of ``q``, to nearest, ties to even
-    (``c / q`` is even), exactly as the float8 cast does, and ``(v + c) - c`` is exact.
-    ``c`` comes from ``v``'s exponent bits (an int32 view). Other devices and tensor
-    subclasses (DTensor) cast and convert.
+    float8 cast and the decode are 2 of 5 passes over the data, and the slowest; here, after
+    the clamp, each value ``v`` is rounded to the float8 grid by float32 arithmetic: with
+    ``q`` the spacing of float8 values at ``|v|`` (``2**(e - m)`` for ``|v|`` in
+    ``[2**e, 2**(e+1))`` and ``m`` mantissa bits, at least the subnormal spacing
+    ``2**(e_min - m)``) and ``c = 1.5 * 2**23 * q``, ``v + c`` lies in ``[2**23 q, 2**24 q)``
+    whose float32 spacing is ``q``, so the addition rounds ``v`` to a multiple of ``q``, to
+    nearest, ties to even (``c / q`` is even), exactly as the float8 cast does, and
+    ``(v + c) - c`` is exact. ``2**max(e, e_min)`` comes from ``v``'s exponent bits (an
+    int32 view), ``c`` is that times ``1.5 * 2**(23 - m)`` (``add``'s ``alpha``, exact).
+
+    ``clamp=False`` skips the clamp where the caller knows ``|t| <= fmax * (1 + 2**-23)``
+    (``t`` scaled by ``fmax / amax(|t|)``, as a float32 scale): such values round to at most
+    ``fmax`` anyway. Other devices and tensor subclasses (DTensor) cast and convert.
     """
     fmax = torch.finfo(dtype).max
     if t.device.type != "cpu" or type(t) is not torch.Tensor or t.dtype != torch.float32:
         return float8_to_float32(saturating_cast(t, dtype))
     mantissa_bits, min_exponent = _FLOAT8_FORMATS[dtype]
-    shift = (23 - mantissa_bits) << 23  # 2**e -> 2**(e + 23 - m)
-    smallest = (min_exponent - mantissa_bits + 23 + 127) << 23 | _HALF_MANTISSA
-    v = t.clamp(-fmax, fmax)
-    c = torch.bitwise_and(v.view(torch.int32), _EXPONENT_MASK)
-    c.add_(shift | _HALF_MANTISSA).clamp_min_(smallest)  # NaN's exponent wraps negative
-    c = c.view(torch.float32)
-    return v.add_(c).sub_(c)
+    v = t.clamp(-fmax, fmax) if clamp else t
+    power = torch.bitwise_and(v.view(torch.int32), _EXPONENT_MASK)
+    power = power.clamp_min_((min_exponent + 127) << 23).view(torch.float32)  # NaN: inf
+    magic = 1.5 * 2.0 ** (23 - mantissa_bits)
+    return torch.add(v, power, alpha=magic).sub_(power, alpha=magic)
 
 
 def floor_log2(t: torch.Tensor) -> torch.Tensor:

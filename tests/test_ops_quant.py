@@ -107,7 +107,9 @@ def test_float8_values_round_like_the_float8_cast(dtype) -> None:
     codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     grid = codes[codes.isfinite()].unique()  # sorted, -fmax..fmax
     ties = (grid[1:] + grid[:-1]) / 2  # exact in float32
-    points = torch.cat([grid, ties, grid * 1.5, torch.tensor([1e-45, 1e-40, 2.0**-126])])
+    fmax = grid[-1].item()
+    edges = torch.tensor([1e-45, 1e-40, 2.0**-126, fmax * (1 + 2**-23)])
+    points = torch.cat([grid, ties, grid * 1.5, edges])
     up = torch.nextafter(points, torch.full_like(points, torch.inf))
     down = torch.nextafter(points, torch.full_like(points, -torch.inf))
     gen = torch.Generator().manual_seed(7)
@@ -120,6 +122,12 @@ def test_float8_values_round_like_the_float8_cast(dtype) -> None:
     got = float8_values(t, dtype)
     want = _torch_float8_values(t, dtype)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    # without the clamp, for values a scale from the tensor's own amax can produce
+    in_range = t[~(t.abs() > fmax * (1 + 2**-23))]  # NaN included
+    assert (in_range.abs() == fmax * (1 + 2**-23)).any()
+    unclamped = float8_values(in_range, dtype, clamp=False)
+    want = _torch_float8_values(in_range, dtype)
+    torch.testing.assert_close(unclamped, want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_float8_values_keep_the_input_and_its_layout() -> None:
