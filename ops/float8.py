@@ -240,22 +240,20 @@ class _ForwardOperands(threading.local):
     """
 
     def __init__(self) -> None:
-        self._output: weakref.ref[torch.Tensor] | None = None
-        self._operands: tuple[_Operand, _Operand] | None = None
+        self._last: tuple[weakref.ref[torch.Tensor], _Operand, _Operand] | None = None
 
     def put(self, output: torch.Tensor, x: _Operand, w: _Operand) -> None:
-        self._output, self._operands = weakref.ref(output), (x, w)
+        self._last = (weakref.ref(output), x, w)
 
     def take(
         self, output: torch.Tensor, needs_x: bool, needs_w: bool
     ) -> list[torch.Tensor | None] | None:
         """``[Q(X), its inverse scale, Q(W), its inverse scale]`` of the forward that made
         ``output`` (``Q(X)`` only if ``w`` needs a gradient, ``Q(W)`` only if ``x`` does)."""
-        ref, operands = self._output, self._operands
-        self._output = self._operands = None
-        if ref is None or ref() is not output or operands is None:
+        last, self._last = self._last, None
+        if last is None or last[0]() is not output or not (needs_x or needs_w):
             return None
-        x, w = operands
+        _, x, w = last
         return [x.data if needs_w else None, x.inverse, w.data if needs_x else None, w.inverse]
 
     def backward(
