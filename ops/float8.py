@@ -58,7 +58,7 @@ from .linear import (
     finish_linear,
     register_linear_autograd,
 )
-from .quant import float8_to_float32, float8_values, floor_log2, saturating_cast
+from .quant import abs_max, float8_to_float32, float8_values_, floor_log2, saturating_cast
 
 __all__ = [
     "RECIPES",
@@ -88,13 +88,13 @@ def _check_recipe(recipe: str, gemm: str) -> None:
 
 def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0-dim float32 ``fmax / max(amax(|t|), 1e-12)``, computed in float64."""
-    amax = t.detach().abs().amax().to(torch.float64)
+    amax = abs_max(t.detach()).to(torch.float64)
     return (torch.finfo(dtype).max / amax.clamp(min=_AMAX_EPS)).to(torch.float32)
 
 
 def _rowwise_scale(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Per-slice e4m3 scales along ``dim`` (kept as size 1), rounded down to powers of two."""
-    amax = t.detach().abs().amax(dim=dim, keepdim=True).to(torch.float64)
+    amax = abs_max(t.detach(), dim).to(torch.float64)
     scale = torch.finfo(_E4M3).max / amax.clamp(min=_AMAX_EPS)
     return torch.exp2(floor_log2(scale).to(torch.float32))
 
@@ -209,7 +209,7 @@ def _quantize(
     if path == "native":
         data = saturating_cast(scaled, dtype)
     else:  # a tensorwise scale maps amax to fmax (up to float32 rounding): no clamp needed
-        data = float8_values(scaled, dtype, clamp=recipe != "tensorwise")
+        data = float8_values_(scaled, dtype, clamp=recipe != "tensorwise")
     return _Operand(data, scale.reciprocal(), dtype)
 
 

@@ -9,8 +9,10 @@ import torch
 from torchgraft.ops.kernels import int8_matmul
 from torchgraft.ops.mx import mx_fake_quantize, round_to_fp4_e2m1
 from torchgraft.ops.quant import (
+    abs_max,
     float8_to_float32,
     float8_values,
+    float8_values_,
     floor_log2,
     int8_absmax_quantize,
     saturating_cast,
@@ -125,7 +127,7 @@ def test_float8_values_round_like_the_float8_cast(dtype) -> None:
     # without the clamp, for values a scale from the tensor's own amax can produce
     in_range = t[~(t.abs() > fmax * (1 + 2**-23))]  # NaN included
     assert (in_range.abs() == fmax * (1 + 2**-23)).any()
-    unclamped = float8_values(in_range, dtype, clamp=False)
+    unclamped = float8_values_(in_range.clone(), dtype, clamp=False)
     want = _torch_float8_values(in_range, dtype)
     torch.testing.assert_close(unclamped, want, rtol=0, atol=0, equal_nan=True)
 
@@ -136,3 +138,19 @@ def test_float8_values_keep_the_input_and_its_layout() -> None:
     got = float8_values(t, torch.float8_e4m3fn)
     assert torch.equal(t, before) and got.shape == t.shape
     assert torch.equal(got, _torch_float8_values(t, torch.float8_e4m3fn))
+    assert float8_values_(t, torch.float8_e4m3fn) is t and torch.equal(t, got)  # in place
+    bf16 = before.bfloat16()
+    assert torch.equal(
+        float8_values(bf16, torch.float8_e5m2), _torch_float8_values(bf16, torch.float8_e5m2)
+    )
+    with pytest.raises(ValueError, match="float32"):
+        float8_values_(bf16, torch.float8_e4m3fn)
+
+
+def test_abs_max_equals_abs_then_amax() -> None:
+    t = torch.randn(33, 65, generator=torch.Generator().manual_seed(9)) * 5
+    assert torch.equal(abs_max(t), t.abs().amax())
+    for dim in (0, 1):
+        assert torch.equal(abs_max(t, dim), t.abs().amax(dim, keepdim=True))
+    t[3, 4] = torch.nan
+    assert abs_max(t).isnan() and abs_max(t, 1)[3].isnan() and not abs_max(t, 1)[2].isnan()
