@@ -78,6 +78,8 @@ _AMAX_EPS = 1e-12
 
 # weight -> (fingerprint, scale); weak keys compared by identity.
 _WEIGHT_SCALES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# forward input -> (fingerprint, recipe, path, Q(x)); weak keys compared by identity.
+_INPUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _check_recipe(recipe: str, gemm: str) -> None:
@@ -100,7 +102,7 @@ def _rowwise_scale(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _fingerprint(w: torch.Tensor) -> tuple[object, ...]:
-    return (w._version, w.data_ptr(), tuple(w.shape), w.dtype, w.device)
+    return (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
 
 
 def precompute_float8_weight_scales(weights: Iterable[torch.Tensor]) -> None:
@@ -213,6 +215,27 @@ def _quantize(
     return _Operand(data, scale.reciprocal(), dtype)
 
 
+def _forward_input(x: torch.Tensor, recipe: str, path: Choice) -> _Operand:
+    """``Q(X)`` of a forward, shared by the linears that read the same ``x`` (the q, k and v
+    projections of one norm's output) in eager autograd, so it is computed and saved once.
+
+    Kept while ``x`` lives, and used only while ``x`` is the same object with the same
+    ``_version``, storage, shape and strides: the condition under which autograd itself
+    reuses a saved tensor. Only for plain tensors that require grad, i.e. recorded by eager
+    autograd: inside compiled code (whose buffers are overwritten without a version bump
+    when Inductor reuses them) and without autograd, ``x`` is quantized per call.
+    """
+    if type(x) is not torch.Tensor or not x.requires_grad:
+        return _quantize(as_2d(x), _E4M3, recipe, 1, path)
+    key = (_fingerprint(x), recipe, path)
+    entry = _INPUTS.get(x)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    operand = _quantize(as_2d(x), _E4M3, recipe, 1, path)
+    _INPUTS[x] = (key, operand)
+    return operand
+
+
 def _gemm(a: _Operand, b: _Operand, path: Choice, input_dtype: torch.dtype) -> torch.Tensor:
     """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]`` quantized along ``K``."""
     a, b = a.for_path(path), b.for_path(path)
@@ -293,7 +316,7 @@ def float8_linear(
     check_linear_args(x, w, bias)
     _check_recipe(recipe, gemm)
     path = _path(gemm, x.device, _E4M3)
-    xq = _quantize(as_2d(x), _E4M3, recipe, 1, path)
+    xq = _forward_input(x, recipe, path)
     wq = _quantize(w, _E4M3, recipe, 1, path, _weight_scale(w, recipe))
     y = finish_linear(_gemm(xq, wq.t(), path, x.dtype), x, bias)
     if recipe == "tensorwise":  # the backward's operands are the same (rowwise: other axes)

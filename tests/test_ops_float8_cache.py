@@ -195,3 +195,27 @@ def test_inference_tensors_are_rejected() -> None:
         w = torch.randn(8, 32)
     with pytest.raises(ValueError, match="inference tensor"):
         precompute_float8_weight_scales([w])
+
+
+def test_linears_reading_one_input_quantize_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k and v projections of one activation: ``Q(x)`` computed once, bit-identical."""
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(3, 5, 64, generator=gen, requires_grad=True)
+    x = h * 2.0  # an activation recorded by autograd
+    ws = [torch.nn.Parameter(torch.randn(48, 64, generator=gen) / 8) for _ in range(3)]
+    g = torch.randn(3, 5, 48, generator=gen)
+    expected = [_fwd_bwd(x.detach().requires_grad_(), w, g) for w in ws]  # separate inputs
+    calls = _count_weight_amax(monkeypatch, x)
+    got = [_fwd_bwd(x, w, g) for w in ws]
+    assert calls[0] == 1, "each linear quantized the shared input again"
+    for a, b in zip(expected, got, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    with torch.no_grad():
+        x.mul_(3.0)  # in place: bumps x._version, the cached Q(x) is stale
+    float8_linear(x, ws[0], None, "tensorwise")
+    assert calls[0] == 2
+    with torch.no_grad():
+        y = x.detach()  # not recorded by autograd: quantized per call
+        float8_linear(y, ws[0], None, "tensorwise")
+        float8_linear(y, ws[1], None, "tensorwise")
+    assert calls[0] == 4
