@@ -21,12 +21,12 @@ a float8 kernel run ``_scaled_mm``'s reference loop, ~750x slower than fp32). Op
 quantized for the path that runs: float8 bytes for native, their float32 values for
 emulation (:func:`~torchgraft.ops.quant.float8_values`, no float8 bytes in between).
 
-Each tensor is quantized once per training step (tensorwise): the forward hands ``Q(X)`` and
-``Q(W)`` to its own backward (eager autograd, :class:`~torchgraft.ops.linear.SavedOperands`),
-which quantizes ``dY`` once for both GEMMs; the backward then saves the quantized operands
-instead of ``x`` and ``w``. The scales, hence the values, are those the grad-input and
-grad-weight ops compute from ``x``, ``w`` and ``dY``, which traced graphs (``torch.export``,
-``torch.compile``) call as before.
+Each tensor is quantized once per training step (tensorwise, eager autograd): linears that
+read the same input (the q, k and v projections) share its ``Q(X)``; the forward hands
+``Q(X)`` and ``Q(W)`` to its own backward (:class:`~torchgraft.ops.linear.SavedOperands`),
+which saves them instead of ``x`` and ``w`` and quantizes ``dY`` once for both GEMMs. The
+scales, hence the values, are those the grad-input and grad-weight ops compute from ``x``,
+``w`` and ``dY``, which traced graphs (``torch.export``, ``torch.compile``) call as before.
 
 Weight-scale cache: :func:`precompute_float8_weight_scales` stores each weight's tensorwise
 e4m3 scale, keyed by the weight object, so the forward and grad-input ops reuse it instead
@@ -78,7 +78,7 @@ _AMAX_EPS = 1e-12
 
 # weight -> (fingerprint, scale); weak keys compared by identity.
 _WEIGHT_SCALES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# forward input -> (fingerprint, recipe, path, Q(x)); weak keys compared by identity.
+# forward input -> ((fingerprint, recipe, path), Q(x)); weak keys compared by identity.
 _INPUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
