@@ -7,18 +7,20 @@ The float8 and int8 GEMMs have two implementations with the same numerics:
   this is the fast path. On CPUs without such a kernel it is the reference loop: measured on
   an Intel Xeon (AVX-512, AMX, no float8 instructions), a 512x256x256 e4m3 ``_scaled_mm``
   took 0.98 s against 1.3 ms for the fp32 GEMM (~750x).
-* **emulated**: the already-quantized operands are cast back to float32 (bfloat16 on an
-  accelerator when the inputs are bfloat16), multiplied by the ordinary GEMM, and the
-  product rescaled. The quantization is unchanged, so the products are the same float8 /
-  int8 values multiplied in higher precision; only the summation order differs (float32
-  rounding, > 100 dB agreement, tested per op).
+* **emulated**: the quantized values in float32 (float8: made so directly, see
+  :func:`~torchgraft.ops.quant.float8_values_`; bfloat16 on an accelerator when the inputs
+  are bfloat16), multiplied by the ordinary GEMM, and the product rescaled. The
+  quantization is unchanged, so the products are the same float8 / int8 values multiplied
+  in higher precision; only the summation order differs (float32 rounding, > 100 dB
+  agreement, tested per op).
 
 :func:`int8_matmul` runs the GEMM on the path that :func:`resolve` picks per
-``(kind, device, operand dtypes)`` (:func:`float8_matmul` on the path its caller resolved,
-since the float8 operands are quantized for it): ``"native"`` or ``"emulated"`` when forced, otherwise (``"auto"``) a one-time probe times both on a small
-GEMM on that device and keeps native only when it is at least about as fast
-(:data:`NATIVE_SLOWDOWN_ALLOWED`); a native kernel that raises is never chosen. The choice
-is cached for the process and logged once at INFO on the ``torchgraft`` logger.
+``(kind, device, operand dtypes)``, :func:`float8_matmul` on the path its caller resolved
+(the float8 operands are quantized for it): ``"native"`` or ``"emulated"`` when forced,
+otherwise (``"auto"``) a one-time probe times both on a small GEMM on that device and keeps
+native only when it is at least about as fast (:data:`NATIVE_SLOWDOWN_ALLOWED`); a native
+kernel that raises is never chosen. The choice is cached for the process and logged once at
+INFO on the ``torchgraft`` logger.
 
 The ``TORCHGRAFT_KERNEL`` environment variable (``auto`` | ``native`` | ``emulated``)
 overrides ``"auto"`` everywhere, e.g. to pin CI to one path. :func:`use_probe` replaces the
