@@ -135,18 +135,27 @@ def float8_matmul(
     ``a`` and ``b`` are float8 or already their float32 values
     (:func:`~torchgraft.ops.quant.float8_values`), multiplied by the ordinary GEMM (in
     bfloat16 on an accelerator when the op's input ``input_dtype`` is bfloat16: every float8
-    value is exact there and the GEMM accumulates in float32), then rescaled in place (one
-    pass for tensorwise scales).
+    value is exact there and the GEMM accumulates in float32), then rescaled: by the GEMM
+    itself (``addmm``'s alpha) for tensorwise scales on CPU, else in place.
     """
     if path == "native":
         return torch._scaled_mm(a, b, scale_a=a_inverse, scale_b=b_inverse, out_dtype=torch.float32)
+    tensorwise = a_inverse.numel() == 1 and b_inverse.numel() == 1
     if input_dtype == torch.bfloat16 and a.device.type != "cpu":
         product = (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
+    elif tensorwise and a.device.type == "cpu" and type(a) is type(b) is torch.Tensor:
+        # the scale inside the GEMM (its alpha): no pass over the product afterwards
+        alpha = (a_inverse * b_inverse).item()
+        return torch.addmm(_ZERO, _as_float32(a), _as_float32(b), beta=0, alpha=alpha)
     else:
         product = _as_float32(a) @ _as_float32(b)
-    if a_inverse.numel() == 1 and b_inverse.numel() == 1:
+    if tensorwise:
         return product.mul_(a_inverse * b_inverse)
     return product.mul_(a_inverse).mul_(b_inverse)
+
+
+_ZERO = torch.zeros(())
+"""``addmm``'s ignored input (``beta=0``) for the emulated CPU GEMM with the scale as alpha."""
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
