@@ -32,6 +32,7 @@ from torchgraft.ops.float8 import precompute_float8_weight_scales
 __all__ = ["Float8"]
 
 _FLOAT8_LINEAR = torch.ops.torchgraft.float8_linear.default
+_TRANSPOSE = torch.ops.aten.t.default
 _MULTIPLE = 16
 
 
@@ -77,7 +78,8 @@ class Float8(LinearHandler):
 
     def weights(self, module: nn.Module) -> list[torch.Tensor]:
         """The weights of the tensorwise float8 linears this handler created in ``module``
-        (a converted graph module, or ``torch.compile`` of one); ``[]`` for other modules."""
+        (a converted graph module, or ``torch.compile`` of one), ``[in, out]`` parameters
+        included (their op takes ``aten.t(w)``); ``[]`` for other modules."""
         gm = getattr(module, "_orig_mod", module)
         if not isinstance(gm, fx.GraphModule):
             return []
@@ -86,6 +88,8 @@ class Float8(LinearHandler):
             if node.meta.get(META_KEY, {}).get("handler") != self.display_name:
                 continue  # created by another handler (provenance in node.meta)
             w, recipe = node.args[1], node.args[3]
+            if isinstance(w, fx.Node) and w.target is _TRANSPOSE:
+                w = w.args[0]  # an [in, out] weight (the op caches by the parameter)
             if recipe == "tensorwise" and isinstance(w, fx.Node) and w.op == "get_attr":
                 weights.setdefault(w.target, operator.attrgetter(w.target)(gm))
         return list(weights.values())

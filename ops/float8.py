@@ -15,26 +15,39 @@ The bias is added, and its gradient summed, in float32.
 GEMM kernel (argument ``gemm``: ``"auto"`` | ``"native"`` | ``"emulated"``, see
 :mod:`torchgraft.ops.kernels`; not named ``kernel``, which Inductor's fallback lowering
 reserves): native runs ``torch._scaled_mm`` on the float8 operands,
-emulated multiplies the same float8 values cast back to float32 with the ordinary GEMM and
-rescales the product; ``"auto"`` takes native only where a one-time probe finds it fast
-(CPUs without a float8 kernel run ``_scaled_mm``'s reference loop, ~750x slower than fp32).
+emulated multiplies the same float8 values in float32 with the ordinary GEMM and rescales
+the product; ``"auto"`` takes native only where a one-time probe finds it fast (CPUs without
+a float8 kernel run ``_scaled_mm``'s reference loop, ~750x slower than fp32). Operands are
+quantized for the path that runs: float8 bytes for native, their float32 values for
+emulation (:func:`~torchgraft.ops.quant.float8_values`, no float8 bytes in between).
+
+Each tensor is quantized once per training step (tensorwise, eager autograd): linears that
+read the same input (the q, k and v projections) share its ``Q(X)``; the forward hands
+``Q(X)`` and ``Q(W)`` to its own backward (:class:`~torchgraft.ops.linear.SavedOperands`),
+which saves them instead of ``x`` and ``w`` and quantizes ``dY`` once for both GEMMs. The
+scales, hence the values, are those the grad-input and grad-weight ops compute from ``x``,
+``w`` and ``dY``, which traced graphs (``torch.export``, ``torch.compile``) call as before.
 
 Weight-scale cache: :func:`precompute_float8_weight_scales` stores each weight's tensorwise
 e4m3 scale, keyed by the weight object, so the forward and grad-input ops reuse it instead
-of recomputing amax. An entry is used only while the weight is the same object with the
-same ``_version``, storage pointer, shape, dtype and device, i.e. not modified in place
+of recomputing amax. An entry is used only while the weight is the same object (or its
+transpose ``w.t()``, as the ``[in, out]`` linear forms pass it) with the same ``_version``,
+storage pointer, shape, dtype and device, i.e. not modified in place
 (an optimizer step bumps ``_version``) nor re-pointed with ``.data = ...``. The cached scale
 is computed by the same function as the uncached one, so results are bit-identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernels import check_kernel, float8_matmul
+from .kernels import Choice, check_kernel, float8_matmul, resolve
 from .linear import (
     as_2d,
     check_linear_args,
@@ -45,7 +58,7 @@ from .linear import (
     finish_linear,
     register_linear_autograd,
 )
-from .quant import floor_log2, saturating_cast
+from .quant import abs_max, float8_to_float32, float8_values_, floor_log2, saturating_cast
 
 __all__ = [
     "RECIPES",
@@ -65,6 +78,8 @@ _AMAX_EPS = 1e-12
 
 # weight -> (fingerprint, scale); weak keys compared by identity.
 _WEIGHT_SCALES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# forward input -> ((fingerprint, recipe, path), Q(x)); weak keys compared by identity.
+_INPUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _check_recipe(recipe: str, gemm: str) -> None:
@@ -75,19 +90,19 @@ def _check_recipe(recipe: str, gemm: str) -> None:
 
 def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0-dim float32 ``fmax / max(amax(|t|), 1e-12)``, computed in float64."""
-    amax = t.detach().abs().amax().to(torch.float64)
+    amax = abs_max(t.detach()).to(torch.float64)
     return (torch.finfo(dtype).max / amax.clamp(min=_AMAX_EPS)).to(torch.float32)
 
 
 def _rowwise_scale(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Per-slice e4m3 scales along ``dim`` (kept as size 1), rounded down to powers of two."""
-    amax = t.detach().abs().amax(dim=dim, keepdim=True).to(torch.float64)
+    amax = abs_max(t.detach(), dim).to(torch.float64)
     scale = torch.finfo(_E4M3).max / amax.clamp(min=_AMAX_EPS)
     return torch.exp2(floor_log2(scale).to(torch.float32))
 
 
 def _fingerprint(w: torch.Tensor) -> tuple[object, ...]:
-    return (w._version, w.data_ptr(), tuple(w.shape), w.dtype, w.device)
+    return (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
 
 
 def precompute_float8_weight_scales(weights: Iterable[torch.Tensor]) -> None:
@@ -113,12 +128,29 @@ def clear_float8_weight_scales() -> None:
 
 
 def cached_float8_weight_scale(w: torch.Tensor) -> torch.Tensor | None:
-    """The cached tensorwise scale of ``w``, or ``None`` if absent or no longer valid."""
+    """The cached tensorwise scale of ``w`` or, when ``w`` is the transpose ``v.t()`` of a
+    cached weight ``v`` (the same values, so the same scale), of ``v``; ``None`` if absent or
+    no longer valid."""
+    if w.is_inference():
+        return None
     entry = _WEIGHT_SCALES.get(w)
-    if entry is None or w.is_inference():
+    if entry is None and _is_transpose_of(w, w._base):
+        w = w._base
+        entry = _WEIGHT_SCALES.get(w)
+    if entry is None:
         return None
     fingerprint, scale = entry
     return scale if fingerprint == _fingerprint(w) else None
+
+
+def _is_transpose_of(w: torch.Tensor, base: torch.Tensor | None) -> bool:
+    return (
+        base is not None
+        and w.dim() == base.dim() == 2
+        and w.shape == base.shape[::-1]
+        and w.stride() == base.stride()[::-1]
+        and w.data_ptr() == base.data_ptr()
+    )
 
 
 def _weight_scale(w: torch.Tensor, recipe: str) -> torch.Tensor | None:
@@ -129,33 +161,145 @@ def _weight_scale(w: torch.Tensor, recipe: str) -> torch.Tensor | None:
     return tensorwise_scale(w, _E4M3) if cached is None else cached
 
 
-def _float8_mm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_dtype: torch.dtype,
-    recipe: str,
-    gemm: str,
-    b_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]``; ``b`` is always e4m3.
+class _Operand(NamedTuple):
+    """A GEMM operand quantized to float8: ``data`` as a GEMM path takes it (the float8
+    tensor for native, its float32 values for emulation) and the inverse scale (0-dim, or
+    one per row / column)."""
 
-    Rowwise scales are taken along the contraction dim ``K``. ``b_scale`` overrides the
-    tensorwise scale of ``b`` (the cached weight scale). ``gemm`` picks the GEMM
-    (:func:`torchgraft.ops.kernels.float8_matmul`).
-    """
-    input_dtype = a.dtype
-    a = a.float()
-    b = b.float()
+    data: torch.Tensor
+    inverse: torch.Tensor
+    dtype: torch.dtype
+    """The float8 format."""
+
+    def t(self) -> _Operand:
+        """The transposed operand: row scales ``[M, 1]`` become column scales ``[1, M]``
+        (reshaped, not transposed: ``_scaled_mm`` wants unit strides)."""
+        inverse = self.inverse
+        if inverse.dim() == 2:
+            inverse = inverse.reshape(inverse.shape[::-1])
+        return _Operand(self.data.t(), inverse, self.dtype)
+
+    def for_path(self, path: Choice) -> _Operand:
+        """The same values as ``path`` takes them (exact conversions either way)."""
+        if (self.data.dtype == self.dtype) == (path == "native"):
+            return self
+        data = self.data.to(self.dtype) if path == "native" else float8_to_float32(self.data)
+        return self._replace(data=data)
+
+
+def _path(gemm: str, device: torch.device, a_dtype: torch.dtype) -> Choice:
+    """The GEMM path for an ``a_dtype`` x e4m3 product (:func:`~.kernels.resolve`)."""
+    return resolve(gemm, "float8", device, (a_dtype, _E4M3))
+
+
+def _quantize(
+    t: torch.Tensor,
+    dtype: torch.dtype,
+    recipe: str,
+    dim: int,
+    path: Choice,
+    scale: torch.Tensor | None = None,
+) -> _Operand:
+    """``t [R, C]`` quantized to ``dtype`` for ``path``: one tensorwise scale (``scale``, the
+    cached weight scale, when given) or, rowwise, one scale per slice along ``dim``."""
+    t = t.float()
     if recipe == "tensorwise":
-        a_scale = tensorwise_scale(a, a_dtype)
-        if b_scale is None:
-            b_scale = tensorwise_scale(b, _E4M3)
+        scale = tensorwise_scale(t, dtype) if scale is None else scale
     else:
-        a_scale = _rowwise_scale(a, dim=1)
-        b_scale = _rowwise_scale(b, dim=0)
-    a8 = saturating_cast(a * a_scale, a_dtype)
-    b8 = saturating_cast(b * b_scale, _E4M3)
-    return float8_matmul(a8, b8, a_scale.reciprocal(), b_scale.reciprocal(), gemm, input_dtype)
+        scale = _rowwise_scale(t, dim)
+    scaled = t * scale
+    if path == "native":
+        data = saturating_cast(scaled, dtype)
+    else:  # a tensorwise scale maps amax to fmax (up to float32 rounding): no clamp needed
+        data = float8_values_(scaled, dtype, clamp=recipe != "tensorwise")
+    return _Operand(data, scale.reciprocal(), dtype)
+
+
+def _forward_input(x: torch.Tensor, recipe: str, path: Choice) -> _Operand:
+    """``Q(X)`` of a forward, shared by the linears that read the same ``x`` (the q, k and v
+    projections of one norm's output) in eager autograd, so it is computed and saved once.
+
+    Kept while ``x`` lives, and used only while ``x`` is the same object with the same
+    ``_version``, storage, shape and strides: the condition under which autograd itself
+    reuses a saved tensor. Only for plain tensors that require grad, i.e. recorded by eager
+    autograd: inside compiled code (whose buffers are overwritten without a version bump
+    when Inductor reuses them) and without autograd, ``x`` is quantized per call.
+    """
+    if type(x) is not torch.Tensor or not x.requires_grad:
+        return _quantize(as_2d(x), _E4M3, recipe, 1, path)
+    key = (_fingerprint(x), recipe, path)
+    entry = _INPUTS.get(x)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    operand = _quantize(as_2d(x), _E4M3, recipe, 1, path)
+    _INPUTS[x] = (key, operand)
+    return operand
+
+
+def _gemm(a: _Operand, b: _Operand, path: Choice, input_dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``Q(a) @ Q(b)`` for ``a [M, K]``, ``b [K, N]`` quantized along ``K``."""
+    a, b = a.for_path(path), b.for_path(path)
+    return float8_matmul(a.data, b.data, a.inverse, b.inverse, path, input_dtype)
+
+
+def _grad_input(grad: torch.Tensor, g: _Operand, w: _Operand, path: Choice) -> torch.Tensor:
+    """``dX = Q(dY) Q(W)`` shaped like the forward input; ``g`` is ``grad`` quantized."""
+    return finish_grad_input(_gemm(g, w, path, grad.dtype), grad)
+
+
+def _grad_weight(grad: torch.Tensor, g_t: _Operand, x: _Operand, path: Choice) -> torch.Tensor:
+    """``dW = Q(dY)ᵀ Q(X)``; ``g_t`` is ``grad`` transposed and quantized."""
+    return _gemm(g_t, x, path, grad.dtype).to(grad.dtype)
+
+
+class _ForwardOperands(threading.local):
+    """The tensorwise forward's ``Q(X)`` and ``Q(W)``, kept for its own backward
+    (:class:`~torchgraft.ops.linear.SavedOperands`).
+
+    The forward op stores its operands beside a weak reference to its output; autograd's
+    ``setup_context`` for that op call runs next, on this thread, with that very output
+    object, and takes them. Under tracing (fake tensors) or without autograd nothing takes
+    them and the next forward replaces them; the backward then calls the grad ops.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[weakref.ref[torch.Tensor], _Operand, _Operand] | None = None
+
+    def put(self, output: torch.Tensor, x: _Operand, w: _Operand) -> None:
+        self._last = (weakref.ref(output), x, w)
+
+    def take(
+        self, output: torch.Tensor, needs_x: bool, needs_w: bool
+    ) -> list[torch.Tensor | None] | None:
+        """``[Q(X), its inverse scale, Q(W), its inverse scale]`` of the forward that made
+        ``output`` (``Q(X)`` only if ``w`` needs a gradient, ``Q(W)`` only if ``x`` does)."""
+        last, self._last = self._last, None
+        if last is None or last[0]() is not output or not (needs_x or needs_w):
+            return None
+        _, x, w = last
+        return [x.data if needs_w else None, x.inverse, w.data if needs_x else None, w.inverse]
+
+    def backward(
+        self,
+        saved: Sequence[torch.Tensor | None],
+        grad: torch.Tensor,
+        needs_x: bool,
+        needs_w: bool,
+        recipe: str,
+        gemm: str = "auto",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``dX`` and ``dW`` from the saved operands, ``dY`` quantized once for both."""
+        x_data, x_inverse, w_data, w_inverse = saved
+        path = _path(gemm, grad.device, _grad_dtype(recipe))
+        g = _quantize(as_2d(grad), _grad_dtype(recipe), recipe, 1, path)
+        dx = _grad_input(grad, g, _Operand(w_data, w_inverse, _E4M3), path) if needs_x else None
+        dw = (
+            _grad_weight(grad, g.t(), _Operand(x_data, x_inverse, _E4M3), path) if needs_w else None
+        )
+        return dx, dw
+
+
+_FORWARD_OPERANDS = _ForwardOperands()
 
 
 def _grad_dtype(recipe: str) -> torch.dtype:
@@ -171,8 +315,13 @@ def float8_linear(
     docstring)."""
     check_linear_args(x, w, bias)
     _check_recipe(recipe, gemm)
-    y = _float8_mm(as_2d(x), w.t(), _E4M3, recipe, gemm, b_scale=_weight_scale(w, recipe))
-    return finish_linear(y, x, bias)
+    path = _path(gemm, x.device, _E4M3)
+    xq = _forward_input(x, recipe, path)
+    wq = _quantize(w, _E4M3, recipe, 1, path, _weight_scale(w, recipe))
+    y = finish_linear(_gemm(xq, wq.t(), path, x.dtype), x, bias)
+    if recipe == "tensorwise":  # the backward's operands are the same (rowwise: other axes)
+        _FORWARD_OPERANDS.put(y, xq, wq)
+    return y
 
 
 @torch.library.custom_op("torchgraft::float8_linear_grad_input", mutates_args=())
@@ -181,10 +330,11 @@ def float8_linear_grad_input(
 ) -> torch.Tensor:
     """``dX = Q(dY) Q(W)``, contraction over ``N``."""
     _check_recipe(recipe, gemm)
-    dx = _float8_mm(
-        as_2d(grad), w, _grad_dtype(recipe), recipe, gemm, b_scale=_weight_scale(w, recipe)
+    path = _path(gemm, grad.device, _grad_dtype(recipe))
+    g = _quantize(as_2d(grad), _grad_dtype(recipe), recipe, 1, path)
+    return _grad_input(
+        grad, g, _quantize(w, _E4M3, recipe, 0, path, _weight_scale(w, recipe)), path
     )
-    return finish_grad_input(dx, grad)
 
 
 @torch.library.custom_op("torchgraft::float8_linear_grad_weight", mutates_args=())
@@ -193,8 +343,9 @@ def float8_linear_grad_weight(
 ) -> torch.Tensor:
     """``dW = Q(dY)ᵀ Q(X)``, contraction over the tokens ``M``."""
     _check_recipe(recipe, gemm)
-    dw = _float8_mm(as_2d(grad).t(), as_2d(x), _grad_dtype(recipe), recipe, gemm)
-    return dw.to(grad.dtype)
+    path = _path(gemm, grad.device, _grad_dtype(recipe))
+    g = _quantize(as_2d(grad), _grad_dtype(recipe), recipe, 0, path)
+    return _grad_weight(grad, g.t(), _quantize(as_2d(x), _E4M3, recipe, 0, path), path)
 
 
 @float8_linear.register_fake
@@ -207,4 +358,6 @@ def _float8_linear_fake(
 
 float8_linear_grad_input.register_fake(fake_grad_input)
 float8_linear_grad_weight.register_fake(fake_grad_weight)
-register_linear_autograd(float8_linear, float8_linear_grad_input, float8_linear_grad_weight)
+register_linear_autograd(
+    float8_linear, float8_linear_grad_input, float8_linear_grad_weight, _FORWARD_OPERANDS
+)

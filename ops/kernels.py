@@ -7,18 +7,20 @@ The float8 and int8 GEMMs have two implementations with the same numerics:
   this is the fast path. On CPUs without such a kernel it is the reference loop: measured on
   an Intel Xeon (AVX-512, AMX, no float8 instructions), a 512x256x256 e4m3 ``_scaled_mm``
   took 0.98 s against 1.3 ms for the fp32 GEMM (~750x).
-* **emulated**: the already-quantized operands are cast back to float32 (bfloat16 on an
-  accelerator when the inputs are bfloat16), multiplied by the ordinary GEMM, and the
-  product rescaled. The quantization is unchanged, so the products are the same float8 /
-  int8 values multiplied in higher precision; only the summation order differs (float32
-  rounding, > 100 dB agreement, tested per op).
+* **emulated**: the quantized values in float32 (float8: made so directly, see
+  :func:`~torchgraft.ops.quant.float8_values_`; bfloat16 on an accelerator when the inputs
+  are bfloat16), multiplied by the ordinary GEMM, and the product rescaled. The
+  quantization is unchanged, so the products are the same float8 / int8 values multiplied
+  in higher precision; only the summation order differs (float32 rounding, > 100 dB
+  agreement, tested per op).
 
-:func:`float8_matmul` and :func:`int8_matmul` run the GEMM on the path that
-:func:`resolve` picks per ``(kind, device, operand dtypes)``: ``"native"`` or
-``"emulated"`` when forced, otherwise (``"auto"``) a one-time probe times both on a small
-GEMM on that device and keeps native only when it is at least about as fast
-(:data:`NATIVE_SLOWDOWN_ALLOWED`); a native kernel that raises is never chosen. The choice
-is cached for the process and logged once at INFO on the ``torchgraft`` logger.
+:func:`int8_matmul` runs the GEMM on the path that :func:`resolve` picks per
+``(kind, device, operand dtypes)``, :func:`float8_matmul` on the path its caller resolved
+(the float8 operands are quantized for it): ``"native"`` or ``"emulated"`` when forced,
+otherwise (``"auto"``) a one-time probe times both on a small GEMM on that device and keeps
+native only when it is at least about as fast (:data:`NATIVE_SLOWDOWN_ALLOWED`); a native
+kernel that raises is never chosen. The choice is cached for the process and logged once at
+INFO on the ``torchgraft`` logger.
 
 The ``TORCHGRAFT_KERNEL`` environment variable (``auto`` | ``native`` | ``emulated``)
 overrides ``"auto"`` everywhere, e.g. to pin CI to one path. :func:`use_probe` replaces the
@@ -118,29 +120,46 @@ def resolve(
 
 
 def float8_matmul(
-    a8: torch.Tensor,
-    b8: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
     a_inverse: torch.Tensor,
     b_inverse: torch.Tensor,
-    kernel: str,
+    path: Choice,
     input_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """float32 ``(a8 @ b8) * a_inverse * b_inverse`` for float8 ``a8 [M, K]``, ``b8 [K, N]``
-    (``b8`` column-major) and their inverse scales (0-dim, or ``[M, 1]`` / ``[1, N]``).
+    """float32 ``(a @ b) * a_inverse * b_inverse`` for float8 operands ``a [M, K]``,
+    ``b [K, N]`` and their inverse scales (0-dim, or ``[M, 1]`` / ``[1, N]``), on ``path``
+    (a :func:`resolve` choice for the operands' float8 dtypes).
 
-    Native: ``torch._scaled_mm``. Emulated: the float8 values in float32 (or in bfloat16 on
-    an accelerator when the op's input ``input_dtype`` is bfloat16: every float8 value is
-    exact there and the GEMM accumulates in float32), the ordinary GEMM, then the scales.
+    Native: ``torch._scaled_mm`` on float8 ``a`` and ``b`` (``b`` column-major). Emulated:
+    ``a`` and ``b`` are float8 or already their float32 values
+    (:func:`~torchgraft.ops.quant.float8_values`), multiplied by the ordinary GEMM (in
+    bfloat16 on an accelerator when the op's input ``input_dtype`` is bfloat16: every float8
+    value is exact there and the GEMM accumulates in float32), then rescaled: by the GEMM
+    itself (``addmm``'s alpha) for tensorwise scales on CPU, else in place.
     """
-    if resolve(kernel, "float8", a8.device, (a8.dtype, b8.dtype)) == "native":
-        return torch._scaled_mm(
-            a8, b8, scale_a=a_inverse, scale_b=b_inverse, out_dtype=torch.float32
-        )
-    if input_dtype == torch.bfloat16 and a8.device.type != "cpu":
-        product = (a8.to(torch.bfloat16) @ b8.to(torch.bfloat16)).float()
+    if path == "native":
+        return torch._scaled_mm(a, b, scale_a=a_inverse, scale_b=b_inverse, out_dtype=torch.float32)
+    tensorwise = a_inverse.numel() == 1 and b_inverse.numel() == 1
+    if input_dtype == torch.bfloat16 and a.device.type != "cpu":
+        product = (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
+    elif tensorwise and a.device.type == "cpu" and type(a) is type(b) is torch.Tensor:
+        # the scale inside the GEMM (its alpha): no pass over the product afterwards
+        alpha = (a_inverse * b_inverse).item()
+        return torch.addmm(_ZERO, _as_float32(a), _as_float32(b), beta=0, alpha=alpha)
     else:
-        product = float8_to_float32(a8) @ float8_to_float32(b8)
+        product = _as_float32(a) @ _as_float32(b)
+    if tensorwise:
+        return product.mul_(a_inverse * b_inverse)
     return product.mul_(a_inverse).mul_(b_inverse)
+
+
+_ZERO = torch.zeros(())
+"""``addmm``'s ignored input (``beta=0``) for the emulated CPU GEMM with the scale as alpha."""
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else float8_to_float32(t)
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch.Tensor:

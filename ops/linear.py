@@ -10,18 +10,21 @@ ops with the same layout:
 
 :func:`register_linear_autograd` wires the last two into the first one's backward (plus the
 bias gradient, summed in float32), so the backward graph is made of custom ops and survives
-``torch.export`` / ``torch.compile`` unchanged. The GEMMs run on 2-D views: leading
+``torch.export`` / ``torch.compile`` unchanged. A format may also hand its forward's
+quantized operands to the eager backward (:class:`SavedOperands`) instead of quantizing
+``x`` and ``w`` again. The GEMMs run on 2-D views: leading
 dimensions of ``x`` and ``grad`` are flattened into the token dimension ``M``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
 __all__ = [
+    "SavedOperands",
     "as_2d",
     "check_linear_args",
     "fake_grad_input",
@@ -99,10 +102,35 @@ def _bias_grad(grad: torch.Tensor) -> torch.Tensor:
     return as_2d(grad).sum(0, dtype=torch.float32).to(grad.dtype)
 
 
+class SavedOperands(Protocol):
+    """What a forward op's implementation computed that its backward can reuse.
+
+    When the forward ran eagerly, ``take`` returns the tensors to save for the backward of
+    the call that produced ``output`` (e.g. the quantized ``x`` and ``w``), and the backward
+    calls ``backward`` with them instead of the grad ops. ``take`` returns ``None`` when it
+    has nothing for ``output`` (under tracing, or for a configuration it does not cover):
+    the grad ops run then, so traced graphs keep their custom-op backward.
+    """
+
+    def take(
+        self, output: torch.Tensor, needs_x: bool, needs_w: bool
+    ) -> list[torch.Tensor | None] | None: ...
+
+    def backward(
+        self,
+        saved: Sequence[torch.Tensor | None],
+        grad: torch.Tensor,
+        needs_x: bool,
+        needs_w: bool,
+        *config: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+
 def register_linear_autograd(
     op: Any,
     grad_input: Callable[..., torch.Tensor],
     grad_weight: Callable[..., torch.Tensor],
+    reuse: SavedOperands | None = None,
 ) -> None:
     """Register the backward of the forward custom op ``op(x, w, bias, *config)``.
 
@@ -110,20 +138,26 @@ def register_linear_autograd(
     two GEMM gradients by calling custom ops; each is only called when that gradient is
     needed. The bias gradient is ``dY`` summed in float32. ``x`` is saved only if ``w``
     needs a gradient and ``w`` only if ``x`` does, unquantized: the quantized operands are
-    recomputed in backward (deterministically, so they equal the forward's).
+    recomputed in backward (deterministically, so they equal the forward's) unless ``reuse``
+    hands over the forward's (then ``reuse.backward`` computes ``dX`` and ``dW``).
     """
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         x, w, _bias, *config = inputs
         needs_x, needs_w = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x if needs_w else None, w if needs_x else None)
+        saved = None if reuse is None else reuse.take(output, needs_x, needs_w)
+        ctx.reused = saved is not None
+        ctx.save_for_backward(*(saved or (x if needs_w else None, w if needs_x else None)))
         ctx.config = config
 
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w = ctx.saved_tensors
         needs_x, needs_w, needs_bias = ctx.needs_input_grad[:3]
-        dx = grad_input(grad, w, *ctx.config) if needs_x else None
-        dw = grad_weight(grad, x, *ctx.config) if needs_w else None
+        if ctx.reused:
+            dx, dw = reuse.backward(ctx.saved_tensors, grad, needs_x, needs_w, *ctx.config)
+        else:
+            x, w = ctx.saved_tensors
+            dx = grad_input(grad, w, *ctx.config) if needs_x else None
+            dw = grad_weight(grad, x, *ctx.config) if needs_w else None
         dbias = _bias_grad(grad) if needs_bias else None
         return (dx, dw, dbias, *(None for _ in ctx.config))
 

@@ -33,7 +33,7 @@ from .linear import (
     finish_linear,
     register_linear_autograd,
 )
-from .quant import float8_to_float32, floor_log2, saturating_cast
+from .quant import float8_values, floor_log2
 
 __all__ = [
     "BLOCK_SIZE",
@@ -63,7 +63,7 @@ def round_to_fp4_e2m1(t: torch.Tensor) -> torch.Tensor:
 
 
 def _cast_mxfp8(t: torch.Tensor) -> torch.Tensor:
-    return float8_to_float32(saturating_cast(t, torch.float8_e4m3fn))
+    return float8_values(t, torch.float8_e4m3fn)
 
 
 # fmt -> (emax of the element format, saturating round-trip cast of scaled elements)

@@ -1,10 +1,10 @@
 """Quantization primitives shared by the low-precision linear ops.
 
 Only what more than one format needs lives here: the saturating float8 cast (float8 and
-mxfp8 elements), exact power-of-two exponents (float8 rowwise scales and MX block scales),
-symmetric absmax int8 quantization (int8 and BitNet activations) and the exact float8 to
-float32 conversion (the emulated GEMMs, :mod:`.kernels`). Everything computes in float32
-unless stated otherwise.
+mxfp8 elements) and its values in float32 without the float8 bytes (the emulated GEMMs),
+exact power-of-two exponents (float8 rowwise scales and MX block scales), symmetric absmax
+int8 quantization (int8 and BitNet activations) and the exact float8 to float32 conversion
+(:mod:`.kernels`). Everything computes in float32 unless stated otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import torch
 
 __all__ = [
     "float8_to_float32",
+    "abs_max",
+    "float8_values",
+    "float8_values_",
     "floor_log2",
     "int8_absmax_quantize",
     "saturating_cast",
@@ -49,6 +52,72 @@ def float8_to_float32(t: torch.Tensor) -> torch.Tensor:
         codes = torch.arange(256, dtype=torch.uint8, device=t.device)
         table = _FLOAT8_VALUES[key] = codes.view(t.dtype).float()
     return table.index_select(0, t.view(torch.uint8).reshape(-1).long()).view(t.shape)
+
+
+# float8 format -> (mantissa bits, exponent of the smallest normal value).
+_FLOAT8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+_EXPONENT_MASK = 0x7F800000
+
+
+def float8_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``saturating_cast(t, dtype)`` as float32 values, without making the float8 bytes:
+    :func:`float8_values_` on a clamped copy of ``t``."""
+    if not _rounds_in_float32(t):
+        return float8_to_float32(saturating_cast(t, dtype))
+    fmax = torch.finfo(dtype).max
+    return float8_values_(t.clamp(-fmax, fmax), dtype, clamp=False)
+
+
+def _rounds_in_float32(t: torch.Tensor) -> bool:
+    """Whether :func:`float8_values_` rounds ``t`` by float32 arithmetic: a plain float32
+    CPU tensor (elsewhere the float8 cast and conversion are native kernels)."""
+    return t.device.type == "cpu" and type(t) is torch.Tensor and t.dtype == torch.float32
+
+
+def float8_values_(t: torch.Tensor, dtype: torch.dtype, clamp: bool = True) -> torch.Tensor:
+    """Replace the float32 ``t`` by ``saturating_cast(t, dtype)``'s values, in place; returns
+    ``t``.
+
+    Equal to ``float8_to_float32(saturating_cast(t, dtype))`` (a negative value that rounds
+    to zero gives ``+0.0`` instead of ``-0.0``; NaN stays NaN). On CPU the float8 cast and
+    the decode are the slowest passes and allocate two tensors; here, after the clamp, each
+    value ``v`` is rounded to the float8 grid by float32 arithmetic: with ``q`` the spacing
+    of float8 values at ``|v|`` (``2**(e - m)`` for ``|v|`` in ``[2**e, 2**(e+1))`` and
+    ``m`` mantissa bits, at least the subnormal spacing ``2**(e_min - m)``) and
+    ``c = 1.5 * 2**23 * q``, ``v + c`` lies in ``[2**23 q, 2**24 q)`` whose float32 spacing
+    is ``q``, so the addition rounds ``v`` to a multiple of ``q``, to nearest, ties to even
+    (``c / q`` is even), exactly as the float8 cast does, and ``(v + c) - c`` is exact.
+    ``2**max(e, e_min)`` comes from ``v``'s exponent bits (an int32 view), ``c`` is that
+    times ``1.5 * 2**(23 - m)`` (``add_``'s ``alpha``, exact).
+
+    ``clamp=False`` skips the clamp where the caller knows ``|t| <= fmax * (1 + 2**-23)``
+    (``t`` scaled by ``fmax / amax(|t|)``, as a float32 scale): such values round to at most
+    ``fmax`` anyway. Other devices and tensor subclasses (DTensor) cast and convert.
+
+    Raises:
+        ValueError: if ``t`` is not float32.
+    """
+    if t.dtype != torch.float32:
+        raise ValueError(f"float8_values_ rounds float32 tensors, got {t.dtype}")
+    if not _rounds_in_float32(t):
+        return t.copy_(float8_to_float32(saturating_cast(t, dtype)))
+    fmax = torch.finfo(dtype).max
+    mantissa_bits, min_exponent = _FLOAT8_FORMATS[dtype]
+    if clamp:
+        t.clamp_(-fmax, fmax)
+    power = torch.bitwise_and(t.view(torch.int32), _EXPONENT_MASK)
+    power = power.clamp_min_((min_exponent + 127) << 23).view(torch.float32)  # NaN: inf
+    magic = 1.5 * 2.0 ** (23 - mantissa_bits)
+    return t.add_(power, alpha=magic).sub_(power, alpha=magic)
+
+
+def abs_max(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``t.abs().amax()`` (or along ``dim``, kept as size 1), without making ``|t|`` for
+    plain tensors: ``max(max(t), -min(t))`` from one ``aminmax`` pass (NaN propagates)."""
+    if type(t) is not torch.Tensor:
+        return t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+    low, high = torch.aminmax(t) if dim is None else torch.aminmax(t, dim=dim, keepdim=True)
+    return torch.maximum(high, low.neg_())
 
 
 def floor_log2(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Quantization primitives: fp4 e2m1 rounding, exact exponents, padded int8 GEMM, MX blocks."""
+"""Quantization primitives: fp4 e2m1 rounding, float8 values without float8 bytes, exact
+exponents, padded int8 GEMM, MX blocks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import torch
 from torchgraft.ops.kernels import int8_matmul
 from torchgraft.ops.mx import mx_fake_quantize, round_to_fp4_e2m1
 from torchgraft.ops.quant import (
+    abs_max,
     float8_to_float32,
+    float8_values,
+    float8_values_,
     floor_log2,
     int8_absmax_quantize,
     saturating_cast,
@@ -91,3 +95,62 @@ def test_float8_to_float32_equals_torch_conversion_for_every_byte(dtype):
         float8_to_float32(every), every.float(), rtol=0, atol=0, equal_nan=True
     )
     assert float8_to_float32(every).shape == every.shape
+
+
+def _torch_float8_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fmax = torch.finfo(dtype).max
+    return t.clamp(-fmax, fmax).to(dtype).float()  # torch's own cast and conversion
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_values_round_like_the_float8_cast(dtype) -> None:
+    """Every float8 value, every exact tie between neighbours (ties to even), their float32
+    neighbours, both signs, random values over the whole float32 range, and the specials."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = codes[codes.isfinite()].unique()  # sorted, -fmax..fmax
+    ties = (grid[1:] + grid[:-1]) / 2  # exact in float32
+    fmax = grid[-1].item()
+    edges = torch.tensor([1e-45, 1e-40, 2.0**-126, fmax * (1 + 2**-23)])
+    points = torch.cat([grid, ties, grid * 1.5, edges])
+    up = torch.nextafter(points, torch.full_like(points, torch.inf))
+    down = torch.nextafter(points, torch.full_like(points, -torch.inf))
+    gen = torch.Generator().manual_seed(7)
+    spread = (
+        torch.randn(20_000, generator=gen)
+        * 2.0 ** torch.randint(-150, 128, (20_000,), generator=gen).float()
+    )
+    specials = torch.tensor([0.0, -0.0, torch.inf, -torch.inf, torch.nan, 3.4e38, -3.4e38])
+    t = torch.cat([points, up, down, -points, -up, -down, spread, specials])
+    got = float8_values(t, dtype)
+    want = _torch_float8_values(t, dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    # without the clamp, for values a scale from the tensor's own amax can produce
+    in_range = t[~(t.abs() > fmax * (1 + 2**-23))]  # NaN included
+    assert (in_range.abs() == fmax * (1 + 2**-23)).any()
+    unclamped = float8_values_(in_range.clone(), dtype, clamp=False)
+    want = _torch_float8_values(in_range, dtype)
+    torch.testing.assert_close(unclamped, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_float8_values_keep_the_input_and_its_layout() -> None:
+    t = torch.randn(64, 48, generator=torch.Generator().manual_seed(8)).mul(300).t()
+    before = t.clone()
+    got = float8_values(t, torch.float8_e4m3fn)
+    assert torch.equal(t, before) and got.shape == t.shape
+    assert torch.equal(got, _torch_float8_values(t, torch.float8_e4m3fn))
+    assert float8_values_(t, torch.float8_e4m3fn) is t and torch.equal(t, got)  # in place
+    bf16 = before.bfloat16()
+    assert torch.equal(
+        float8_values(bf16, torch.float8_e5m2), _torch_float8_values(bf16, torch.float8_e5m2)
+    )
+    with pytest.raises(ValueError, match="float32"):
+        float8_values_(bf16, torch.float8_e4m3fn)
+
+
+def test_abs_max_equals_abs_then_amax() -> None:
+    t = torch.randn(33, 65, generator=torch.Generator().manual_seed(9)) * 5
+    assert torch.equal(abs_max(t), t.abs().amax())
+    for dim in (0, 1):
+        assert torch.equal(abs_max(t, dim), t.abs().amax(dim, keepdim=True))
+    t[3, 4] = torch.nan
+    assert abs_max(t).isnan() and abs_max(t, 1)[3].isnan() and not abs_max(t, 1)[2].isnan()
