@@ -21,6 +21,7 @@ from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
 from torchgraft.ir.replacement import (
     Template,
     describe_value,
+    output_key,
     output_mismatch,
     signature,
     trace_replacement,
@@ -56,8 +57,9 @@ class GraphEditor:
     def insert_copy(
         self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any], target: Any = None
     ) -> fx.Node:
-        """Insert a copy of template ``node`` with inputs mapped by ``env`` and the given meta
-        (and ``target`` instead of the node's, when given)."""
+        """Insert a copy of template ``node`` at the graph's insertion point, with inputs
+        mapped by ``env`` and the given meta (and ``target`` instead of the node's, when
+        given)."""
         self._journal_names()
         new = self.graph.create_node(
             node.op,
@@ -66,7 +68,9 @@ class GraphEditor:
             map_arg(node.kwargs, env.__getitem__),
             name=node.name,
         )
-        new.meta = meta
+        # Filled in place: assigning ``new.meta`` would go through ``Node.__setattr__``,
+        # which re-files the node in the graph's find_nodes table.
+        new.meta.update(meta)
         self._inserted.append(new)
         return new
 
@@ -106,17 +110,13 @@ class GraphEditor:
     def check(self) -> None:
         """``graph.lint()`` for what this transaction changed (nothing else was touched):
         every inserted node, and every node whose inputs were moved, is live and uses only
-        live nodes defined before it. Costs one pass over the nodes instead of lint's ~2 µs
-        per node."""
+        live nodes defined before it (fx keeps a sort key per node: ``a < b`` is O(1))."""
         edited = [*self._inserted, *(u for _, _, users in self._rewired for u in users)]
-        if not edited:
-            return
-        order = {node: i for i, node in enumerate(self.graph.nodes)}
         for node in edited:
             if node in self._retired:
                 continue
             for arg in node.all_input_nodes:
-                if arg in self._retired or order.get(arg, len(order)) >= order[node]:
+                if arg in self._retired or arg.graph is not self.graph or not arg < node:
                     state = "replaced" if arg in self._retired else "defined after it"
                     raise TorchgraftError(
                         f"internal error: after rewriting, '{node.format_node()}' uses "
@@ -141,9 +141,9 @@ class GraphEditor:
         erased: set[fx.Node] = set()
         while work:
             node = work.pop()
-            if node in erased or node.op != "call_function" or node.is_impure():
+            if node in erased or node.op != "call_function":
                 continue
-            if not all(is_assertion(u) for u in node.users):
+            if not all(is_assertion(u) for u in node.users) or node.is_impure():
                 continue
             inputs = node.all_input_nodes
             for user in list(node.users):
@@ -170,9 +170,6 @@ class GraphEditor:
         self._forward.clear()
         self._name_counts = None
 
-    def node_order(self) -> dict[fx.Node, int]:
-        return {node: i for i, node in enumerate(self.graph.nodes)}
-
 
 @dataclasses.dataclass
 class MatchRecord:
@@ -193,10 +190,15 @@ class MatchRecord:
 
 def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
     """Refuse a replacement whose outputs' shapes or dtypes differ from the matched ones:
-    the graph's users of those values would break only when the model runs."""
+    the graph's users of those values would break only when the model runs. A template
+    remembers the matched shapes it was found to fit (``template.accepted``)."""
     rule = match.rule
     for i, (old, out) in enumerate(zip(match.outputs, template.outputs)):
-        new_val, old_val = out.meta.get("val"), old.meta.get("val")
+        old_val = old.meta.get("val")
+        key = output_key(i, old_val)
+        if key is not None and key in template.accepted:
+            continue
+        new_val = out.meta.get("val")
         if output_mismatch(new_val, old_val):
             raise RewriteError(
                 f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): replacement "
@@ -207,6 +209,8 @@ def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
                 node=old.name,
                 source=user_source(old),
             )
+        if key is not None:
+            template.accepted.add(key)
 
 
 class RuleApplier:
@@ -248,7 +252,10 @@ class RuleApplier:
         try:
             self._bind_extra_inputs(match)
             key = signature(match)
-            template = cache.get(key) if key is not None else None
+            try:
+                template = cache.get(key)
+            except TypeError:  # symbolic sizes: not cached
+                key = template = None
             if template is None:
                 template = trace_replacement(rule, match)
                 if key is not None and not template.per_match:
@@ -292,6 +299,8 @@ class RuleApplier:
         if match.handler is None:
             return
         extra = match.handler.extra_inputs(match)
+        if not extra:
+            return
         clash = sorted(set(extra) & set(match.bindings))
         if clash:
             raise RuleDefinitionError(
@@ -333,21 +342,20 @@ class RuleApplier:
         return created, attributes
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:
-        """Before the anchor for one output; for several, right after the last input."""
+        """Before the anchor for one output; for several, right after the last input.
+        (Nodes compare by graph position: ``a < b`` when ``a`` comes first.)"""
         if len(match.outputs) == 1:
             return match.anchor
-        order = self.editor.node_order()
         replaced = set(match.nodes.values())
         inputs = [v for v in env.values() if isinstance(v, fx.Node)]
-        first_op = min(replaced, key=order.__getitem__)
-        point = max(inputs, key=order.__getitem__).next if inputs else first_op
+        point = max(inputs).next if inputs else min(replaced)
         users = [
             u
             for out in match.outputs
             for u in out.users
             if u not in replaced and self.editor.is_live(u)
         ]
-        if any(order[u] < order[point] for u in users):
+        if any(u < point for u in users):
             raise RewriteError(
                 f"rule '{match.rule.name}': outputs of the match at '{match.anchor.name}' are used "
                 "before all of its inputs exist; the replacement cannot be placed without reordering",

@@ -240,7 +240,7 @@ class PassManager:
         problems ``allow`` does not accept: roll back and raise :class:`CheckError`."""
         static = find_overlaps(gm.graph, self.stages["graph"]) if "graph" in self.stages else []
         static += find_unmatched_filters(gm.graph, self.steps)
-        static += claim_problems(self.steps, list(gm.named_parameters()))
+        static += claim_problems(self.steps, gm)
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import networkx as nx
-import torch
+from torch import nn
 
 from torchgraft.handlers.base import STAGES, Handler
 from torchgraft.handlers.claims import conflict_message, resolve_claims
@@ -124,11 +124,12 @@ def schedule_problems(steps: Sequence[Step]) -> list[Problem]:
     ]
 
 
-def claim_problems(
-    steps: Sequence[Step], named_params: Sequence[tuple[str, torch.Tensor]]
-) -> list[Problem]:
-    """``overlap``: parameters that two handlers claim for their optimizers; ``no_match``:
-    a non-optional handler whose claims cover no parameter."""
+def claim_problems(steps: Sequence[Step], module: nn.Module) -> list[Problem]:
+    """``overlap``: parameters of ``module`` that two handlers claim for their optimizers;
+    ``no_match``: a non-optional handler whose claims cover no parameter."""
+    if not any(s.handler.optimizer_claims() for s in steps):
+        return []  # nothing claims: no need to list the parameters
+    named_params = list(module.named_parameters())
     owners, conflicts = resolve_claims([(s.name, s.handler) for s in steps], named_params)
     sources = {s.name: s.source for s in steps}
     problems = [
