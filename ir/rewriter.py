@@ -10,6 +10,7 @@ the new nodes, leaving the graph exactly as it was; no copy of the graph is ever
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 from torch import fx
@@ -17,6 +18,7 @@ from torch.fx.node import map_arg
 
 from torchgraft.ir.errors import RewriteError, RuleDefinitionError, TorchgraftError
 from torchgraft.ir.matcher import find_matches, is_assertion
+from torchgraft.ir.node_edit import erase_nodes, insert_node
 from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
 from torchgraft.ir.replacement import (
     Template,
@@ -55,22 +57,26 @@ class GraphEditor:
         return value
 
     def insert_copy(
-        self, node: fx.Node, env: dict[fx.Node, Any], meta: dict[str, Any], target: Any = None
+        self,
+        node: fx.Node,
+        env: dict[fx.Node, Any],
+        meta: dict[str, Any],
+        before: fx.Node,
+        target: Any = None,
     ) -> fx.Node:
-        """Insert a copy of template ``node`` at the graph's insertion point, with inputs
-        mapped by ``env`` and the given meta (and ``target`` instead of the node's, when
-        given)."""
+        """Insert a copy of template ``node`` right before ``before``, with inputs mapped by
+        ``env`` and the given meta (and ``target`` instead of the node's, when given)."""
         self._journal_names()
-        new = self.graph.create_node(
+        new = insert_node(
+            self.graph,
+            before,
             node.op,
             node.target if target is None else target,
             map_arg(node.args, env.__getitem__),
             map_arg(node.kwargs, env.__getitem__),
-            name=node.name,
+            node.name,
+            meta,
         )
-        # Filled in place: assigning ``new.meta`` would go through ``Node.__setattr__``,
-        # which re-files the node in the graph's find_nodes table.
-        new.meta.update(meta)
         self._inserted.append(new)
         return new
 
@@ -104,8 +110,13 @@ class GraphEditor:
         self._rewired.append((old, new, users))
         self._forward[old] = new
 
-    def retire(self, nodes: Any) -> None:
-        self._retired.update(nodes)
+    def retire(self, nodes: Iterable[fx.Node]) -> None:
+        """Mark replaced ``nodes`` (and the metadata assertions on them) as gone."""
+        for node in nodes:
+            self._retired.add(node)
+            for user in node.users:
+                if is_assertion(user):
+                    self._retired.add(user)
 
     def check(self) -> None:
         """``graph.lint()`` for what this transaction changed (nothing else was touched):
@@ -129,11 +140,10 @@ class GraphEditor:
         and the pure ops that only they used (e.g. an attention mask the replacement reads
         off the graph instead of computing: left in place, eager mode would compute it)."""
         self.check()
-        orphans = {n: None for r in self._retired for n in r.all_input_nodes}
-        for node in reversed(self.graph.nodes):
-            if node in self._retired:
-                self.graph.erase_node(node)
-        self._erase_orphans([n for n in orphans if n not in self._retired])
+        retired = self._retired
+        orphans = {n: None for r in retired for n in r.all_input_nodes if n not in retired}
+        erase_nodes(self.graph, [n for n in reversed(self.graph.nodes) if n in retired])
+        self._erase_orphans(list(orphans))
         self._attributes.commit()
         self._reset()
 
@@ -146,9 +156,7 @@ class GraphEditor:
             if not all(is_assertion(u) for u in node.users) or node.is_impure():
                 continue
             inputs = node.all_input_nodes
-            for user in list(node.users):
-                self.graph.erase_node(user)
-            self.graph.erase_node(node)
+            erase_nodes(self.graph, [*node.users, node])
             erased.add(node)
             work.extend(inputs)
 
@@ -157,8 +165,7 @@ class GraphEditor:
         for old, new, users in reversed(self._rewired):
             for user in users:
                 user.replace_input_with(new, old)
-        for node in reversed(self._inserted):
-            self.graph.erase_node(node)
+        erase_nodes(self.graph, reversed(self._inserted))
         self._free_names()
         self._attributes.rollback()
         self._reset()
@@ -319,26 +326,24 @@ class RuleApplier:
         }
         inherited = {key: anchor.meta[key] for key in _COPIED_META if key in anchor.meta}
         inherited[META_KEY] = provenance
+        point = self._insertion_point(match, env)
         created, attributes = [], []
-        with editor.graph.inserting_before(self._insertion_point(match, env)):
-            for node in template.ops:
-                target = None
-                if NEW_ATTRIBUTE in node.meta:
-                    attribute = node.meta[NEW_ATTRIBUTE]
-                    module = match.module_fqn if attribute.module is None else attribute.module
-                    target = editor.add_attribute(module, attribute)
-                    attributes.append(target)
-                meta = dict(inherited)
-                if "val" in node.meta:  # a leaf call without a fake function has none
-                    meta["val"] = node.meta["val"]
-                new = editor.insert_copy(node, env, meta, target)
-                env[node] = new
-                created.append(new)
+        for node in template.ops:
+            target = None
+            if NEW_ATTRIBUTE in node.meta:
+                attribute = node.meta[NEW_ATTRIBUTE]
+                module = match.module_fqn if attribute.module is None else attribute.module
+                target = editor.add_attribute(module, attribute)
+                attributes.append(target)
+            meta = dict(inherited)
+            if "val" in node.meta:  # a leaf call without a fake function has none
+                meta["val"] = node.meta["val"]
+            new = editor.insert_copy(node, env, meta, point, target)
+            env[node] = new
+            created.append(new)
         for old, out in zip(match.outputs, template.outputs):
             editor.replace_uses(old, env[out])
-        replaced = match.nodes.values()
-        editor.retire(replaced)
-        editor.retire(u for node in replaced for u in node.users if is_assertion(u))
+        editor.retire(match.nodes.values())
         return created, attributes
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:
