@@ -116,15 +116,19 @@ class _Solver:
         """Called when the work list is empty: reach the pattern ops not reachable backward
         from the anchor through users of matched nodes, then run the acceptance check.
         Returning None backtracks into the caller's remaining alternatives."""
-        pending = next(
-            (
-                (p, src)
-                for p in self.unanchored
-                if p not in state
-                for src in p.all_input_nodes
-                if isinstance(state.get(src), fx.Node)
-            ),
-            None,
+        pending = (
+            next(
+                (
+                    (p, src)
+                    for p in self.unanchored
+                    if p not in state
+                    for src in p.all_input_nodes
+                    if isinstance(state.get(src), fx.Node)
+                ),
+                None,
+            )
+            if self.unanchored
+            else None
         )
         if pending is None:
             failure = self.accept(state)

@@ -59,6 +59,9 @@ def erase_nodes(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
         node._remove_from_list()
         object.__setattr__(node, "_erased", True)  # as erase_node, minus the table probe
         graph._len -= 1
-        node._update_args_kwargs(
-            fx.map_arg(node._args, lambda n: None), fx.map_arg(node._kwargs, lambda n: None)
-        )
+        # Inputs become None, as in erase_node, which drops the node from their users.
+        node._update_args_kwargs(fx.map_arg(node._args, _none), fx.map_arg(node._kwargs, _none))
+
+
+def _none(node: fx.Node) -> None:
+    return None

@@ -165,9 +165,24 @@ class _Tracer(fx.Tracer):
         """A value like ``val`` (same shapes, strides, dtypes, devices, ``requires_grad``) that
         shares nothing with it, so an in-place op in the replacement cannot change the
         graph's own ``meta["val"]``."""
+        return tree_map_only(torch.Tensor, self._fresh_tensor, val)
+
+    def _fresh_tensor(self, val: torch.Tensor) -> torch.Tensor:
+        shape, stride = val.shape, val.stride()
+        if self.fake_mode is None:
+            copy = torch.empty_strided(shape, stride, dtype=val.dtype, device=val.device)
+        else:  # wrapped from a meta tensor: a fake-mode op would cost ~100 µs of dispatch
+            meta = torch.empty_strided(shape, stride, dtype=val.dtype, device="meta")
+            converter = self.fake_mode.fake_tensor_converter
+            copy = converter.from_meta_and_device(self.fake_mode, meta, val.device)
+        if not val.requires_grad:
+            return copy
+        copy.requires_grad_()
+        if val.is_leaf:
+            return copy
         context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
         with context:
-            return tree_map_only(torch.Tensor, _fresh_tensor, val)
+            return copy.clone()  # a non-leaf, like ``val``
 
     def _run_fake(self, node: fx.Node, fn: Callable | None = None) -> Any:
         """Run ``node``'s op (or ``fn``, a leaf's fake function) on its inputs' fake values."""
@@ -200,14 +215,6 @@ def _fake_value(arg: Any) -> Any:
             "declare one with tg.leaf(fn, fake=...)"
         )
     return arg.meta["val"]
-
-
-def _fresh_tensor(val: torch.Tensor) -> torch.Tensor:
-    copy = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
-    if not val.requires_grad:
-        return copy
-    copy.requires_grad_()
-    return copy if val.is_leaf else copy.clone()  # a non-leaf, like ``val``
 
 
 @dataclasses.dataclass

@@ -203,7 +203,7 @@ def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
     for i, (old, out) in enumerate(zip(match.outputs, template.outputs)):
         old_val = old.meta.get("val")
         key = output_key(i, old_val)
-        if key is not None and key in template.accepted:
+        if key in template.accepted:  # None never is
             continue
         new_val = out.meta.get("val")
         if output_mismatch(new_val, old_val):
