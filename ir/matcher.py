@@ -305,16 +305,16 @@ def is_assertion(node: fx.Node) -> bool:
 
 def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
     """Why replacing this structural match would be wrong, or None."""
-    ops = {state[p] for p in rule.pattern.ops}
-    outputs = {state[p] for p in rule.pattern.outputs}
-    for name, pnode in rule.pattern.placeholders.items():
+    pattern = rule.pattern
+    ops = {state[p] for p in pattern.ops}
+    for name, pnode in pattern.placeholders.items():
         bound = state[pnode]
         if isinstance(bound, fx.Node) and bound in ops:
             return Failure(
                 "parameter_binds_pattern_op",
                 f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match",
             )
-    for node in ops - outputs:
+    for node in {state[p] for p in pattern.internal}:
         outside = [u for u in node.users if u not in ops and is_live(u) and not is_assertion(u)]
         if outside:
             return Failure(
@@ -328,12 +328,12 @@ def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) ->
 def _build_match(rule: Rule, state: dict[fx.Node, Any], handler: Any) -> Match:
     pattern = rule.pattern
     return Match(
-        rule=rule,
-        anchor=state[pattern.anchor],
-        nodes={p.name: state[p] for p in pattern.ops},
-        bindings={name: state[p] for name, p in pattern.placeholders.items()},
-        outputs=[state[p] for p in pattern.outputs],
-        handler=handler,
+        rule,
+        state[pattern.anchor],
+        {p.name: state[p] for p in pattern.ops},
+        {name: state[p] for name, p in pattern.placeholders.items()},
+        [state[p] for p in pattern.outputs],
+        handler,
     )
 
 

@@ -122,6 +122,8 @@ class Pattern:
         self._validate(where)
         self.anchor = self.outputs[0]
         self.params = list(self.placeholders)
+        self.internal = [node for node in self.ops if node not in self.outputs]
+        """The ops whose values only the pattern itself uses (not outputs)."""
         self.args = {node: call_args(node) for node in self.ops}
         """Each pattern op's normalized arguments (see :func:`call_args`)."""
         self.anchor_arg_targets = tuple(

@@ -49,6 +49,8 @@ def graph_module_fqns(graph: fx.Graph) -> list[str]:
 @functools.lru_cache(maxsize=4096)
 def _normalize_fqn(path: str) -> str:
     # Strict-mode export spells paths like "L['self'].layers[0].wq".
+    if "[" not in path:  # already dotted (non-strict export): the common case, no regex
+        return path.lstrip(".")
     path = re.sub(r"^L\['self'\]\.?", "", path)
     return re.sub(r"\[(\w+)\]", r".\1", path).lstrip(".")
 
