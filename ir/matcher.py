@@ -224,7 +224,11 @@ class _Solver:
                 state[p] = g
                 used.add(g)
                 pargs = self.pattern.args[p]
-                gargs = call_args_like(g, len(pargs))
+                written = self.pattern.positional.get(p)
+                if written is not None and not g.kwargs and len(g.args) == len(written):
+                    pargs, gargs = written, g.args  # both tails are the schema's defaults
+                else:
+                    gargs = call_args_like(g, len(pargs))
                 if len(pargs) != len(gargs):
                     counts = (len(gargs), len(pargs))
                     return self._fail(
