@@ -187,8 +187,9 @@ def call_args(node: fx.Node) -> tuple:
 def call_args_like(node: fx.Node, length: int) -> tuple:
     """:func:`call_args` with a fast path: a node without keyword arguments that already
     has ``length`` positional ones (the usual case in exported graphs) is returned as is."""
-    if not node.kwargs and len(node.args) == length:
-        return node.args
+    args = node.args
+    if len(args) == length and not node.kwargs:
+        return args
     return call_args(node)
 
 

@@ -225,8 +225,9 @@ class _Solver:
                 used.add(g)
                 pargs = self.pattern.args[p]
                 written = self.pattern.positional.get(p)
-                if written is not None and not g.kwargs and len(g.args) == len(written):
-                    pargs, gargs = written, g.args  # both tails are the schema's defaults
+                gargs = g.args
+                if written is not None and len(gargs) == len(written) and not g.kwargs:
+                    pargs = written  # both tails are the schema's defaults
                 else:
                     gargs = call_args_like(g, len(pargs))
                 if len(pargs) != len(gargs):
