@@ -42,15 +42,24 @@ _OTHER = _Kind("other")
 """A parameter that takes no tensor (scalars, lists, dtypes ...)."""
 
 
-@functools.cache
+_SCHEMAS: dict[int, tuple[Any, tuple[tuple[str, Any], ...]]] = {}
+"""id(OpOverload) → (the overload, its ``_schema`` result): hashing an OpOverload calls
+Python code, and overloads live as long as their op (the entry keeps it alive anyway)."""
+
+
 def _schema(target: Any) -> tuple[tuple[str, Any], ...] | None:
     """``(name, default)`` per argument of an OpOverload's schema; None for other targets."""
+    known = _SCHEMAS.get(id(target))
+    if known is not None and known[0] is target:
+        return known[1]
     if not isinstance(target, torch._ops.OpOverload):
         return None
-    return tuple(
+    schema = tuple(
         (a.name, a.default_value if a.has_default_value() else _REQUIRED)
         for a in target._schema.arguments
     )
+    _SCHEMAS[id(target)] = (target, schema)
+    return schema
 
 
 def _from_schema(schema: torch._C.FunctionSchema) -> inspect.Signature:
@@ -178,8 +187,9 @@ def call_args(node: fx.Node) -> tuple:
 def call_args_like(node: fx.Node, length: int) -> tuple:
     """:func:`call_args` with a fast path: a node without keyword arguments that already
     has ``length`` positional ones (the usual case in exported graphs) is returned as is."""
-    if not node.kwargs and len(node.args) == length:
-        return node.args
+    args = node.args
+    if len(args) == length and not node.kwargs:
+        return args
     return call_args(node)
 
 

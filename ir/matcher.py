@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,15 @@ class _Solver:
         self.record = record
         self.commutative = frozenset(p for p in self.pattern.ops if p.target in rule.commutative)
         """Pattern ops declared commutative (a set of nodes: cheaper to test than targets)."""
+        self.unanchored = _not_above(self.pattern.anchor, self.pattern.ops)
+        """Pattern ops not reachable backward from the anchor (other outputs' ops), in
+        pattern order: only these can be missing when the work list runs empty."""
+        self.constrained = {
+            name
+            for name, annotation in self.pattern.annotations.items()
+            if annotation is not inspect.Parameter.empty and annotation is not Any
+        }
+        """Parameters whose annotation restricts what they bind."""
         self.failure: Failure | None = None
 
     def _fail(self, ctx: tuple | None, kind: str, reason: Callable[[], str]) -> None:
@@ -106,15 +116,19 @@ class _Solver:
         """Called when the work list is empty: reach the pattern ops not reachable backward
         from the anchor through users of matched nodes, then run the acceptance check.
         Returning None backtracks into the caller's remaining alternatives."""
-        pending = next(
-            (
-                (p, src)
-                for p in self.pattern.ops
-                if p not in state
-                for src in p.all_input_nodes
-                if isinstance(state.get(src), fx.Node)
-            ),
-            None,
+        pending = (
+            next(
+                (
+                    (p, src)
+                    for p in self.unanchored
+                    if p not in state
+                    for src in p.all_input_nodes
+                    if isinstance(state.get(src), fx.Node)
+                ),
+                None,
+            )
+            if self.unanchored
+            else None
         )
         if pending is None:
             failure = self.accept(state)
@@ -165,7 +179,9 @@ class _Solver:
                                     f"parameter '{p.target}' is bound to {_show(s[p])} but here is {_show(g)}"
                                 ),
                             )
-                    elif not accepts(self.pattern.annotations.get(p.target), g):
+                    elif p.target in self.constrained and not accepts(
+                        self.pattern.annotations[p.target], g
+                    ):
                         return self._fail(
                             ctx,
                             "annotation_mismatch",
@@ -208,7 +224,12 @@ class _Solver:
                 state[p] = g
                 used.add(g)
                 pargs = self.pattern.args[p]
-                gargs = call_args_like(g, len(pargs))
+                written = self.pattern.positional.get(p)
+                gargs = g.args
+                if written is not None and len(gargs) == len(written) and not g.kwargs:
+                    pargs = written  # both tails are the schema's defaults
+                else:
+                    gargs = call_args_like(g, len(pargs))
                 if len(pargs) != len(gargs):
                     counts = (len(gargs), len(pargs))
                     return self._fail(
@@ -239,6 +260,8 @@ class _Solver:
                     (pi, gi, (pnode, index, (*path, i)))
                     for i, (pi, gi) in reversed(list(enumerate(zip(p, g))))
                 )
+            elif type(p) is type(g) and type(p) in _PLAIN_LITERALS and p == g:
+                continue  # the common case, decided without same_value
             elif isinstance(g, fx.Node) or not same_value(p, g):
                 return self._fail(
                     ctx,
@@ -246,6 +269,21 @@ class _Solver:
                     lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}",
                 )
         return self._complete(state, used)
+
+
+_PLAIN_LITERALS = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device})
+"""Literal types whose ``==`` between two values of the same type is ``same_value``'s."""
+
+
+def _not_above(anchor: fx.Node, ops: list[fx.Node]) -> list[fx.Node]:
+    """The ``ops`` that ``anchor`` does not reach through its inputs, in order."""
+    above, todo = set(), [anchor]
+    while todo:
+        node = todo.pop()
+        if node not in above:
+            above.add(node)
+            todo.extend(node.all_input_nodes)
+    return [p for p in ops if p not in above]
 
 
 def _show(value: Any) -> str:
@@ -261,23 +299,27 @@ ASSERTION_TARGETS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 value of a match alive, and are removed with it."""
 
 
+_ASSERTION_IDS = frozenset(map(id, ASSERTION_TARGETS))
+"""Ids of the targets: OpOverloads are singletons, and hashing one calls Python code."""
+
+
 def is_assertion(node: fx.Node) -> bool:
     """Whether ``node`` only checks another node's metadata (see :data:`ASSERTION_TARGETS`)."""
-    return node.op == "call_function" and any(node.target is t for t in ASSERTION_TARGETS)
+    return id(node.target) in _ASSERTION_IDS and node.op == "call_function"
 
 
 def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
     """Why replacing this structural match would be wrong, or None."""
-    ops = {state[p] for p in rule.pattern.ops}
-    outputs = {state[p] for p in rule.pattern.outputs}
-    for name, pnode in rule.pattern.placeholders.items():
+    pattern = rule.pattern
+    ops = {state[p] for p in pattern.ops}
+    for name, pnode in pattern.placeholders.items():
         bound = state[pnode]
         if isinstance(bound, fx.Node) and bound in ops:
             return Failure(
                 "parameter_binds_pattern_op",
                 f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match",
             )
-    for node in ops - outputs:
+    for node in {state[p] for p in pattern.internal}:
         outside = [u for u in node.users if u not in ops and is_live(u) and not is_assertion(u)]
         if outside:
             return Failure(
@@ -291,12 +333,12 @@ def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) ->
 def _build_match(rule: Rule, state: dict[fx.Node, Any], handler: Any) -> Match:
     pattern = rule.pattern
     return Match(
-        rule=rule,
-        anchor=state[pattern.anchor],
-        nodes={p.name: state[p] for p in pattern.ops},
-        bindings={name: state[p] for name, p in pattern.placeholders.items()},
-        outputs=[state[p] for p in pattern.outputs],
-        handler=handler,
+        rule,
+        state[pattern.anchor],
+        {p.name: state[p] for p in pattern.ops},
+        {name: state[p] for name, p in pattern.placeholders.items()},
+        [state[p] for p in pattern.outputs],
+        handler,
     )
 
 
@@ -336,22 +378,6 @@ class _Acceptance:
         return failure
 
 
-def _may_match(rule: Rule, node: fx.Node) -> bool:
-    """Cheap rejection before unification: the anchor's op arguments must have the
-    pattern's targets (in either order for a declared-commutative anchor)."""
-    expected = rule.pattern.anchor_arg_targets
-    if not expected:
-        return True
-    args = call_args_like(node, len(rule.pattern.args[rule.pattern.anchor]))
-    orders = [args]
-    if rule.pattern.anchor.target in rule.commutative and len(args) >= 2:
-        orders.append((args[1], args[0], *args[2:]))
-    return any(
-        all(i < len(a) and isinstance(a[i], fx.Node) and a[i].target == t for i, t in expected)
-        for a in orders
-    )
-
-
 class _AnchoredMatcher:
     """Matches one rule at candidate anchors, reusing its solver between anchors."""
 
@@ -360,17 +386,45 @@ class _AnchoredMatcher:
         self.is_live = is_live
         self.accept = _Acceptance(rule, handler, is_live)
         self.solver = _Solver(rule, is_live, self.accept, record=False)
+        pattern = rule.pattern
+        self.expected = pattern.anchor_arg_targets
+        self.arity = len(pattern.args[pattern.anchor])
+        self.swappable = pattern.anchor.target in rule.commutative
 
     def __call__(self, node: fx.Node) -> Match | None:
-        anchor = self.rule.pattern.anchor
-        if not self.rule.pattern.calls_same(anchor, node) or not self.is_live(node):
+        if not self.rule.pattern.calls_same(self.rule.pattern.anchor, node):
             return None
-        if not _may_match(self.rule, node):
+        return self.at_candidate(node)
+
+    def at_candidate(self, node: fx.Node) -> Match | None:
+        """The match at ``node``, which calls the anchor's op (one of ``candidates``)."""
+        if not self.is_live(node) or not self._may_match(node):
             return None
         self.accept.match = None
         if self.solver.solve(node) is None:
             return None
         return self.accept.match
+
+    def _may_match(self, node: fx.Node) -> bool:
+        """Cheap rejection before unification: the anchor's op arguments must have the
+        pattern's targets (in either order for a declared-commutative anchor)."""
+        if not self.expected:
+            return True
+        args = call_args_like(node, self.arity)
+        if _args_have(args, self.expected):
+            return True
+        swapped = (args[1], args[0], *args[2:]) if self.swappable and len(args) >= 2 else None
+        return swapped is not None and _args_have(swapped, self.expected)
+
+
+def _args_have(args: tuple, expected: tuple[tuple[int, Any], ...]) -> bool:
+    for i, target in expected:
+        if i >= len(args):
+            return False
+        arg = args[i]
+        if not isinstance(arg, fx.Node) or arg.target != target:
+            return False
+    return True
 
 
 def match_at(
@@ -390,7 +444,7 @@ def find_matches(
     for node in rule.pattern.candidates(graph):
         if node in claimed:
             continue
-        match = match_here(node)
+        match = match_here.at_candidate(node)
         if match is None:
             continue
         replaced = match.nodes.values()

@@ -122,8 +122,18 @@ class Pattern:
         self._validate(where)
         self.anchor = self.outputs[0]
         self.params = list(self.placeholders)
+        self.internal = [node for node in self.ops if node not in self.outputs]
+        """The ops whose values only the pattern itself uses (not outputs)."""
         self.args = {node: call_args(node) for node in self.ops}
         """Each pattern op's normalized arguments (see :func:`call_args`)."""
+        self.positional = {
+            node: node.args
+            for node in self.ops
+            if isinstance(node.target, torch._ops.OpOverload) and not node.kwargs
+        }
+        """The arguments as written of the ops that call an OpOverload positionally: a graph
+        call of it with as many positional arguments and no keywords has the same schema
+        defaults after them, so the two compare without normalizing."""
         self.anchor_arg_targets = tuple(
             (i, arg.target)
             for i, arg in enumerate(self.args[self.anchor])

@@ -35,9 +35,22 @@ def module_stack(node: fx.Node) -> list[str]:
     return [fqn for fqn in (_normalize_fqn(path) for path, _ in stack.values()) if fqn]
 
 
+def graph_module_fqns(graph: fx.Graph) -> list[str]:
+    """FQNs of every module some node of ``graph`` was traced in, sorted (the root excluded).
+    Distinct paths are normalized once: a graph repeats a few hundred over thousands of nodes."""
+    paths = {
+        path
+        for node in graph.nodes
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values()
+    }
+    return sorted({fqn for fqn in map(_normalize_fqn, paths) if fqn})
+
+
 @functools.lru_cache(maxsize=4096)
 def _normalize_fqn(path: str) -> str:
     # Strict-mode export spells paths like "L['self'].layers[0].wq".
+    if "[" not in path:  # already dotted (non-strict export): the common case, no regex
+        return path.lstrip(".")
     path = re.sub(r"^L\['self'\]\.?", "", path)
     return re.sub(r"\[(\w+)\]", r".\1", path).lstrip(".")
 

@@ -165,9 +165,24 @@ class _Tracer(fx.Tracer):
         """A value like ``val`` (same shapes, strides, dtypes, devices, ``requires_grad``) that
         shares nothing with it, so an in-place op in the replacement cannot change the
         graph's own ``meta["val"]``."""
+        return tree_map_only(torch.Tensor, self._fresh_tensor, val)
+
+    def _fresh_tensor(self, val: torch.Tensor) -> torch.Tensor:
+        shape, stride = val.shape, val.stride()
+        if self.fake_mode is None:
+            copy = torch.empty_strided(shape, stride, dtype=val.dtype, device=val.device)
+        else:  # wrapped from a meta tensor: a fake-mode op would cost ~100 µs of dispatch
+            meta = torch.empty_strided(shape, stride, dtype=val.dtype, device="meta")
+            converter = self.fake_mode.fake_tensor_converter
+            copy = converter.from_meta_and_device(self.fake_mode, meta, val.device)
+        if not val.requires_grad:
+            return copy
+        copy.requires_grad_()
+        if val.is_leaf:
+            return copy
         context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
         with context:
-            return tree_map_only(torch.Tensor, _fresh_tensor, val)
+            return copy.clone()  # a non-leaf, like ``val``
 
     def _run_fake(self, node: fx.Node, fn: Callable | None = None) -> Any:
         """Run ``node``'s op (or ``fn``, a leaf's fake function) on its inputs' fake values."""
@@ -202,14 +217,6 @@ def _fake_value(arg: Any) -> Any:
     return arg.meta["val"]
 
 
-def _fresh_tensor(val: torch.Tensor) -> torch.Tensor:
-    copy = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
-    if not val.requires_grad:
-        return copy
-    copy.requires_grad_()
-    return copy if val.is_leaf else copy.clone()  # a non-leaf, like ``val``
-
-
 @dataclasses.dataclass
 class Template:
     """A traced replacement: placeholders named after the pattern's tensor parameters."""
@@ -220,6 +227,9 @@ class Template:
     outputs: list[Any]
     per_match: bool = False
     """True when the replacement creates state or reads values: trace it for every match."""
+    accepted: set[tuple] = dataclasses.field(default_factory=set)
+    """``(output index, shape, dtype)`` of matched values this template's outputs were
+    checked against and may replace (see :func:`output_key`)."""
 
 
 def _same_size(a: Any, b: Any) -> bool:
@@ -237,6 +247,19 @@ def describe_value(val: Any) -> str:
     return repr(val)
 
 
+def output_key(index: int, val: Any) -> tuple | None:
+    """Hashable ``(index, shape, dtype)`` of a matched output value with static sizes, under
+    which a template remembers that it passed :func:`output_mismatch`; None otherwise."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    key = (index, val.shape, val.dtype)
+    try:
+        hash(key)
+    except TypeError:  # symbolic sizes: check every time
+        return None
+    return key
+
+
 def output_mismatch(new: Any, old: Any) -> bool:
     """Whether a replacement output ``new`` cannot stand in for the matched value ``old``
     (both ``meta["val"]``): another rank, dtype or a dimension known to differ. Values that
@@ -248,26 +271,23 @@ def output_mismatch(new: Any, old: Any) -> bool:
     return not all(map(_same_size, new.shape, old.shape))
 
 
-def signature(match: Match) -> tuple | None:
-    """Hashable key of the matched values, or None when they cannot be keyed (symbolic shapes)."""
+def signature(match: Match) -> tuple:
+    """Key of the matched values: per binding its name and, for a tensor node, shape, strides,
+    dtype, device and ``requires_grad``; for another node its value's ``repr``; for a literal
+    its ``repr``. Symbolic sizes make it unhashable: such a match is traced on its own."""
     key = []
     for name, value in match.bindings.items():
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
             if isinstance(val, torch.Tensor):
                 key.append(
-                    (name, tuple(val.shape), val.stride(), val.dtype, val.device, val.requires_grad)
+                    (name, val.shape, val.stride(), val.dtype, val.device, val.requires_grad)
                 )
             else:
                 key.append((name, "node", repr(val)))
         else:
             key.append((name, "literal", repr(value)))
-    key = tuple(key)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return tuple(key)
 
 
 _FAKE_TENSOR_LOG = logging.getLogger(FakeTensorMode.__module__)

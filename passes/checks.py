@@ -20,9 +20,9 @@ from torchgraft.ir.pattern import target_name
 from torchgraft.ir.provenance import (
     META_KEY,
     describe,
+    graph_module_fqns,
     module_fqn,
     module_glob,
-    module_stack,
     user_source,
 )
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
@@ -114,31 +114,33 @@ def find_unmatched_filters(graph: fx.Graph, steps: Sequence[Step]) -> list[Probl
     graph (a renamed module leaves a ``skip_fqns`` entry pointing at nothing, and the
     module it meant is silently converted). Each problem has a did-you-mean over the
     graph's module FQNs."""
-    fqns = sorted({fqn for node in graph.nodes for fqn in module_stack(node)})
+    filters = [(step, flt) for step in steps for flt in step.handler.module_filters()]
+    if not filters:
+        return []
+    fqns = graph_module_fqns(graph)
     names = sorted({*fqns, *(fqn.rsplit(".", 1)[-1] for fqn in fqns)})
     problems = []
-    for step in steps:
-        for flt in step.handler.module_filters():
-            for glob in flt.globs:
-                if flt.sub_path:
-                    hit = any(module_glob(fqn, [glob]) for fqn in fqns)
-                else:
-                    hit = any(fnmatch.fnmatchcase(fqn, glob) for fqn in fqns)
-                if hit:
-                    continue
-                close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
-                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-                problems.append(
-                    Problem(
-                        "unmatched_filter",
-                        (step.name,),
-                        flt.rule,
-                        None,
-                        step.source,
-                        f"handler '{step.name}' {flt.name} glob {glob!r} matches no module of "
-                        f"the graph{hint} (modules: {_fqn_summary(fqns)})",
-                    )
+    for step, flt in filters:
+        for glob in flt.globs:
+            if flt.sub_path:
+                hit = any(module_glob(fqn, [glob]) for fqn in fqns)
+            else:
+                hit = any(fnmatch.fnmatchcase(fqn, glob) for fqn in fqns)
+            if hit:
+                continue
+            close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            problems.append(
+                Problem(
+                    "unmatched_filter",
+                    (step.name,),
+                    flt.rule,
+                    None,
+                    step.source,
+                    f"handler '{step.name}' {flt.name} glob {glob!r} matches no module of "
+                    f"the graph{hint} (modules: {_fqn_summary(fqns)})",
                 )
+            )
     return problems
 
 

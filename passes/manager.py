@@ -12,7 +12,6 @@ from torch import fx, nn
 
 from torchgraft.handlers.base import Handler
 from torchgraft.handlers.options import OptionError
-from torchgraft.handlers.roles import parameter_roles
 from torchgraft.ir.errors import RewriteError
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.pattern import target_name
@@ -259,7 +258,7 @@ class PassManager:
         problems ``allow`` does not accept: roll back and raise :class:`CheckError`."""
         static = find_overlaps(gm.graph, self.stages["graph"]) if "graph" in self.stages else []
         static += find_unmatched_filters(gm.graph, self.steps)
-        static += claim_problems(self.steps, list(gm.named_parameters()), parameter_roles(gm))
+        static += claim_problems(self.steps, gm)
         checks: list[Observer] = [
             OrderCheck(self.ordering),
             ClobberCheck(self.ordering),

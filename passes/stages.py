@@ -13,14 +13,16 @@ side is checked here too: two handlers claiming one parameter, or two LR schedul
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch
+from torch import nn
 
 from torchgraft.handlers.base import STAGES, Handler
 from torchgraft.handlers.claims import conflict_message, resolve_claims
+from torchgraft.handlers.roles import parameter_roles
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
 
@@ -134,15 +136,16 @@ def schedule_problems(steps: Sequence[Step]) -> list[Problem]:
     ]
 
 
-def claim_problems(
-    steps: Sequence[Step],
-    named_params: Sequence[tuple[str, torch.Tensor]],
-    roles: Mapping[str, Collection[str]] | None = None,
-) -> list[Problem]:
-    """``overlap``: parameters that two handlers claim for their optimizers; ``no_match``:
-    a non-optional handler whose claims cover no parameter. ``roles``: the parameters'
-    structural roles (:func:`~torchgraft.handlers.roles.parameter_roles`)."""
-    owners, conflicts = resolve_claims([(s.name, s.handler) for s in steps], named_params, roles)
+def claim_problems(steps: Sequence[Step], module: nn.Module) -> list[Problem]:
+    """``overlap``: parameters of ``module`` that two handlers claim for their optimizers;
+    ``no_match``: a non-optional handler whose claims cover no parameter. Claims may name
+    parameters by structural role (:func:`~torchgraft.handlers.roles.parameter_roles`)."""
+    if not any(s.handler.optimizer_claims() for s in steps):
+        return []  # nothing claims: no need to list the parameters
+    named_params = list(module.named_parameters())
+    owners, conflicts = resolve_claims(
+        [(s.name, s.handler) for s in steps], named_params, parameter_roles(module)
+    )
     sources = {s.name: s.source for s in steps}
     problems = [
         Problem("overlap", c.handlers, None, None, sources[c.handlers[1]], conflict_message(c))

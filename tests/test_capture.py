@@ -157,3 +157,20 @@ def test_specialized_dynamic_dimension_gets_the_dynamic_shapes_hint():
 def test_dynamic_shapes_need_export():
     with pytest.raises(ValueError, match="method='export'"):
         tg.capture(nn.ReLU(), (torch.randn(2),), method="symbolic_trace", dynamic_shapes=({},))
+
+
+@pytest.mark.parametrize(
+    "path, fqn",
+    [
+        ("L['self'].layers[0].attention.wq", "layers.0.attention.wq"),  # strict export
+        ("layers.0.attention.wq", "layers.0.attention.wq"),  # non-strict export
+        ("L['self']", ""),
+        ("L['self'].output", "output"),
+    ],
+)
+def test_module_fqn_normalizes_both_export_spellings(path, fqn):
+    from torchgraft.ir.provenance import module_fqn
+
+    node = torch.fx.Graph().placeholder("x")
+    node.meta["nn_module_stack"] = {"key": (path, torch.nn.Linear)}
+    assert module_fqn(node) == fqn
