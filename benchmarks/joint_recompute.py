@@ -9,13 +9,12 @@ events, :func:`torchgraft.tools.memory.measure`), so parameters are not counted 
 gradients are; time = median of ``--repeat`` unprofiled steps. Gradients are checked
 against the eager step.
 
-Measured on the shared 2-core CPU machine under load from other jobs (times rough),
-``--repeat 3``::
+Measured on the project's 2-core CPU machine, nearly idle (load average 1.4), ``--repeat 5``::
 
     step                    peak MiB       ms  grads SQNR dB
-    eager (unconverted)         76.7   3272.1  inf
-    joint, min-cut only         76.9   5127.8  inf
-    selective_recompute         62.6   5765.0  inf
+    eager (unconverted)         76.7    123.3  inf
+    joint, min-cut only         76.9    118.3  inf
+    selective_recompute         60.2    125.1  inf
 
     python benchmarks/joint_recompute.py [--repeat 5] [--batch 4] [--seq 128]
 """
