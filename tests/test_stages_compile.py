@@ -63,7 +63,13 @@ def compiled_run(gm, x, plan) -> tuple[torch.Tensor, dict[str, int], dict[str, i
 def test_compile_stage_rewrites_counts_and_keeps_the_fx_graph_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     user_pass = CountingPass()
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", user_pass)
+    # Inductor's own patch: pytest's monkeypatch undo leaves torch 2.15's config without the
+    # key, which breaks every later compile in the session.
+    with torch._inductor.config.patch(post_grad_custom_post_pass=user_pass):
+        _check_rewrites_counts_and_cache(user_pass)
+
+
+def _check_rewrites_counts_and_cache(user_pass: CountingPass) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(3, 8)
