@@ -18,6 +18,7 @@ import dist_helpers as dh
 import pytest
 import torch
 from engine_rules import LowRankAdapters
+from hf_configs import qwen2_config
 from torch.distributed.tensor import Replicate, Shard
 
 import torchgraft as tg
@@ -273,16 +274,14 @@ def test_gpt2_conv1d_is_sharded_by_its_weight_layout_with_a_dynamic_batch():
             assert worst > 80, (sequence_parallel, worst)
 
 
-QWEN2_FSDP = """\
-model:
-  factory: "torchgraft.models.hf:build_causal_lm"
-  kwargs: {model_type: qwen2, vocab_size: 256, hidden_size: 64, intermediate_size: 128,
-           num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-           max_position_embeddings: 64}
-  inputs: [{shape: [4, 16], dtype: int64, high: 256}]
+QWEN2_FSDP = qwen2_config(
+    4,
+    16,
+    """\
 handlers: [{chunked_cross_entropy: {chunk_size: 16}}]
 train: {steps: 3, lr: 3.0e-3, warmup_steps: 1, progress: false}
-"""
+""",
+)
 
 
 def test_fsdp_trains_a_logits_model_with_a_dynamic_batch(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_configs import qwen2_config
 
 from torchgraft.config import ConfigError, parse_config
 from torchgraft.ir.dynamic_batch import has_dynamic_batch
@@ -17,18 +18,16 @@ from torchgraft.passes import PassManager
 from torchgraft.train.job import run_job
 from torchgraft.train.lm import NextTokenLoss
 
-QWEN2 = """\
-model:
-  factory: "torchgraft.models.hf:build_causal_lm"
-  kwargs: {model_type: qwen2, vocab_size: 256, hidden_size: 64, intermediate_size: 128,
-           num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-           max_position_embeddings: 64}
-  inputs: [{shape: [4, 32], dtype: int64, high: 256}]
+QWEN2 = qwen2_config(
+    4,
+    32,
+    """\
 handlers:
   - chunked_cross_entropy: {chunk_size: 32}
   - float8
 train: {steps: 2, lr: 3.0e-3, warmup_steps: 1, progress: false}
-"""
+""",
+)
 
 
 def _loss_and_grads(module: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_configs import qwen2_config
 
 import torchgraft as tg
 from torchgraft import cli
@@ -181,20 +182,8 @@ def test_a_transformers_gpt2_trains_as_it_ships(tmp_path, capsys):
 
 def test_a_transformers_qwen2_trains_with_float8_and_the_chunked_loss(tmp_path, capsys):
     pytest.importorskip("transformers")
-    path = write(
-        tmp_path,
-        """\
-        model:
-          factory: "torchgraft.models.hf:build_causal_lm"
-          kwargs: {model_type: qwen2, vocab_size: 256, hidden_size: 64, intermediate_size: 128,
-                   num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-                   max_position_embeddings: 64}
-          inputs: [{shape: [2, 32], dtype: int64, high: 256}]
-        handlers:
-          - chunked_cross_entropy: {chunk_size: 32}
-          - float8
-        """,
-    )
+    handlers = "handlers:\n  - chunked_cross_entropy: {chunk_size: 32}\n  - float8\n"
+    path = write(tmp_path, qwen2_config(2, 32, handlers))
     code, _, err, out = run(path, tmp_path, capsys, "--steps", "3")
     assert code == 0, err
     doc = metrics(out)
