@@ -10,7 +10,9 @@ one forward + backward on the inputs, and keeps each post-grad graph as the hand
 (``overlap``, ``order``, ``clobber``); ``no_match`` is judged over all the graphs together
 (a handler may rewrite only backward ops); ``numerics`` compares the compiled step's
 outputs and gradients with the eager step's. The FX graph cache is bypassed, so that the
-graphs are really compiled (a cache hit would skip the pass).
+graphs are really compiled (a cache hit would skip the pass), and random ops run on their
+eager kernels (Inductor's ``fallback_random``), so that a model with dropout draws the same
+masks as the eager step it is compared with (``run`` compiles them with Inductor's own RNG).
 
 Cost: one Inductor compile of the forward and the backward (seconds to a minute on CPU).
 """
@@ -94,7 +96,11 @@ def capture_compile(
         return stage_report
 
     module = compile_with_stage(
-        pm, copy_graph_module(gm), report, rewrite=rewrite, options={"fx_graph_cache": False}
+        pm,
+        copy_graph_module(gm),
+        report,
+        rewrite=rewrite,
+        options={"fx_graph_cache": False, "fallback_random": True},
     )
     problems = verify_stage(gm, module, pm.stage_steps("compile"), "compiled step", inputs)
     if not verify:

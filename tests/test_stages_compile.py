@@ -11,6 +11,7 @@ from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import torchgraft as tg
+from torchgraft.passes.compile_capture import check_compile
 from torchgraft.passes.compile_stage import CompileStagePass, cache_counts
 from torchgraft.passes.report import Report
 
@@ -121,3 +122,16 @@ def test_uuid_follows_rule_sources_options_and_the_composed_pass():
     namespace: dict = {"tg": tg, "aten": aten}
     exec("class Anonymous(tg.Handler):\n    stage = 'compile'\n", namespace)  # no source file
     assert uuid_of([namespace["Anonymous"]]) is None
+
+
+def test_check_of_the_compile_stage_compares_dropout_models_with_the_same_masks():
+    """A model with dropout, in training mode: ``check`` compiles its step with the random
+    ops on eager kernels, so the compiled step draws the masks the eager one does and the
+    exact rewrite is judged exact (Inductor's own RNG draws others)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+    x = torch.randn(16, 8)
+    gm = tg.capture(model.train(), (x,))
+    report = check_compile(tg.PassManager([ReluAsClamp]), gm, (x,))
+    assert report.matches == {"ReluAsClamp": 1}
+    assert report.problems == []
