@@ -9,7 +9,7 @@ whose backward is itself made of custom ops (so it survives ``torch.export`` and
   int8_grad_weight, gemm)`` (:mod:`.int8`)
 * ``torchgraft::mx_linear(x, w, bias, fmt)`` (:mod:`.mx`)
 * ``torchgraft::bitnet_linear(x, w, bias, gemm)`` (:mod:`.bitnet`)
-* ``torchgraft::onednn_mm(a, b)`` (:mod:`.onednn`): a float32 ``mm`` on oneDNN, for
+* ``torchgraft::onednn_mm(a, b, bias=None)`` (:mod:`.onednn`): a float32 ``mm`` / ``addmm`` on oneDNN, for
   Inductor's post-grad graphs (no autograd formula)
 
 and their ``*_grad_input`` / ``*_grad_weight`` backward ops. Each forward op is a drop-in

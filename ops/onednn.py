@@ -22,21 +22,32 @@ def onednn_available() -> bool:
 
 
 @torch.library.custom_op("torchgraft::onednn_mm", mutates_args=())
-def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 2-D float32 CPU tensors ``a [M, K]`` and ``b [K, N]``, on oneDNN."""
+def onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (plus ``bias [N]``, as ``aten.addmm(bias, a, b)``) for 2-D float32 CPU
+    tensors ``a [M, K]`` and ``b [K, N]``, on oneDNN."""
+    _check_operands(a, b, bias)
+    return torch.ops.mkldnn._linear_pointwise.default(a, b.t(), bias, "none", [None], "")
+
+
+@onednn_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    _check_operands(a, b, bias)
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _check_operands(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``a [M, K]``, ``b [K, N]`` and ``bias [N]`` (if given) are
+    float32 CPU tensors."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(
             f"torchgraft::onednn_mm multiplies [M, K] by [K, N]; got {tuple(a.shape)} and "
             f"{tuple(b.shape)}"
         )
-    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.is_cuda or b.is_cuda:
+    if bias is not None and tuple(bias.shape) != (b.shape[1],):
         raise ValueError(
-            f"torchgraft::onednn_mm takes float32 CPU tensors; got {a.dtype} on {a.device} "
-            f"and {b.dtype} on {b.device}"
+            f"torchgraft::onednn_mm adds a bias of [N] = [{b.shape[1]}]; got {tuple(bias.shape)}"
         )
-    return torch.ops.mkldnn._linear_pointwise.default(a, b.t(), None, "none", [None], "")
-
-
-@onednn_mm.register_fake
-def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
+    operands = (a, b) if bias is None else (a, b, bias)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in operands):
+        found = ", ".join(f"{t.dtype} on {t.device}" for t in operands)
+        raise ValueError(f"torchgraft::onednn_mm takes float32 CPU tensors; got {found}")

@@ -170,9 +170,13 @@ def _int_mm(a: DTensorSpec, b: DTensorSpec) -> Strategies:
 
 
 @register_sharding(tg_ops.onednn_mm.default)
-def _onednn_mm(a: DTensorSpec, b: DTensorSpec) -> Strategies:
-    # A float32 mm: sharded like aten.mm (partial sums over K differ only in rounding).
-    return _mm_strategies(lambda a, b: [])
+def _onednn_mm(a: DTensorSpec, b: DTensorSpec, bias: DTensorSpec | None = None) -> Strategies:
+    # A float32 mm: sharded like aten.mm (partial sums over K differ only in rounding). A
+    # bias [N] follows the output's columns; with partial sums it would be added per rank.
+    if bias is None:
+        return _mm_strategies(lambda a, b: [])
+    strategies = _mm_strategies(lambda a, b: [Shard(0) if b == Shard(1) else _R])
+    return [(out, inputs) for out, inputs in strategies if out != [Partial()]]
 
 
 # DTensor's own ``_scaled_mm`` rule is a single-dim rule, which takes precedence over

@@ -21,6 +21,16 @@ def test_onednn_mm_equals_mm_for_transposed_and_strided_operands():
     torch.library.opcheck(onednn_mm, (a, b.t()), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_onednn_mm_adds_a_bias_per_column_as_addmm():
+    g = torch.Generator().manual_seed(1)
+    a, b, bias = (torch.randn(*s, generator=g) for s in ((48, 32), (32, 64), (64,)))
+    expected = torch.addmm(bias.double(), a.double(), b.double()).float()
+    assert sqnr(onednn_mm(a, b, bias), expected) > 120.0
+    torch.library.opcheck(onednn_mm, (a, b, bias), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match=r"bias of \[N\] = \[64\]; got \(48, 64\)"):
+        onednn_mm(a, b, torch.randn(48, 64))
+
+
 def test_onednn_mm_refuses_what_it_does_not_compute():
     a = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"multiplies \[M, K\] by \[K, N\]"):

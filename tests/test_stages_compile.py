@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import torchgraft as tg
-from torchgraft.passes.compile_capture import check_compile
+from torchgraft.passes.compile_capture import capture_compile, check_compile
 from torchgraft.passes.compile_stage import CompileStagePass, cache_counts
 from torchgraft.passes.report import Report
 
@@ -135,3 +135,35 @@ def test_check_of_the_compile_stage_compares_dropout_models_with_the_same_masks(
     report = check_compile(tg.PassManager([ReluAsClamp]), gm, (x,))
     assert report.matches == {"ReluAsClamp": 1}
     assert report.problems == []
+
+
+class BiasedProducts(nn.Module):
+    """``addmm`` with its default scaling, which oneDNN computes, and with ``beta=0.5``,
+    which it does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.b = nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = torch.addmm(self.b, x, self.w)
+        return plain.relu() + torch.addmm(self.b, x, self.w, beta=0.5).sigmoid()
+
+
+def test_onednn_matmul_takes_addmm_with_a_bias_per_column():
+    """``onednn_matmul`` on the compiled step of ``BiasedProducts``: the forward's default
+    ``addmm`` (GPT-2's ``Conv1D``) becomes ``onednn_mm`` with its bias, the ``beta=0.5`` one
+    and the backward's ``addmm`` that accumulates a 2-D gradient stay; the step is exact."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    gm = tg.capture(BiasedProducts(), (x,))
+    pm = tg.PassManager(["onednn_matmul"])
+    pm.run(gm)
+    capture = capture_compile(pm, gm, (x,))
+    assert capture.report.problems == []
+    forward = next(g for g in capture.graphs if g.name == "forward").after.graph
+    onednn = forward.find_nodes(op="call_function", target=torch.ops.torchgraft.onednn_mm.default)
+    addmm = forward.find_nodes(op="call_function", target=aten.addmm.default)
+    assert len(onednn) == 1 and len(onednn[0].args) == 3  # with its bias
+    assert [n.kwargs for n in addmm] == [{"beta": 0.5}]
