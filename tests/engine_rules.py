@@ -71,6 +71,8 @@ class LowRankAdapters(tg.Handler):
     and a rowwise layer under TP) → ``linear(x, w) + linear(linear(x, A), B)``, with new
     parameters ``A`` (seeded, so every process makes the same) and ``B`` (zero at first)."""
 
+    rank = 4
+
     @tg.rule(include=["*.attention.wq", "*.feed_forward.w2"])
     def linear(x, w: torch.nn.Parameter):
         return aten.linear.default(x, w)
@@ -78,7 +80,9 @@ class LowRankAdapters(tg.Handler):
     @linear.replacement
     def _(x, w):
         generator = torch.Generator().manual_seed(w.shape[0] * w.shape[1])
-        a = tg.new_parameter("lora_a", torch.randn(4, w.shape[1], generator=generator) * 0.1)
-        b = tg.new_parameter("lora_b", torch.zeros(w.shape[0], 4))
+        a = tg.new_parameter(
+            "lora_a", torch.randn(LowRankAdapters.rank, w.shape[1], generator=generator) * 0.1
+        )
+        b = tg.new_parameter("lora_b", torch.zeros(w.shape[0], LowRankAdapters.rank))
         low_rank = aten.linear.default(aten.linear.default(x, a), b)
         return aten.add.Tensor(aten.linear.default(x, w), low_rank)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_rules import LowRankAdapters as LoRA
 from test_rollback_and_errors import RaisesInFakeOp
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -14,22 +15,7 @@ from torchgraft.train.data import RandomWindows
 from torchgraft.train.optim import build_param_groups
 
 aten = torch.ops.aten
-RANK = 4
-
-
-class LoRA(tg.Handler):
-    """``linear(x, w)`` → ``linear(x, w) + linear(linear(x, A), B)``, B = 0 at first."""
-
-    @tg.rule(include=["*.wq", "*.wv"])
-    def linear(x, w: nn.Parameter):
-        return aten.linear.default(x, w)
-
-    @linear.replacement
-    def _(x, w):
-        a = tg.new_parameter("lora_a", torch.randn(RANK, w.shape[1]) * 0.1)
-        b = tg.new_parameter("lora_b", torch.zeros(w.shape[0], RANK))
-        low_rank = aten.linear.default(aten.linear.default(x, a), b)
-        return aten.add.Tensor(aten.linear.default(x, w), low_rank)
+RANK = LoRA.rank
 
 
 def _loss(gm, tokens):
@@ -40,13 +26,13 @@ def _loss(gm, tokens):
 def test_new_parameters_are_registered_saved_and_trained(llama_gm, tokens):
     ref = llama_gm(tokens)
     report = tg.PassManager([LoRA]).run(llama_gm)
-    assert report.matches == {"LoRA": 4}  # tiny llama: 2 layers x (wq, wv)
+    assert report.matches == {"LowRankAdapters": 4}  # tiny llama: 2 layers x (wq, w2)
     names = [fqn for r in report.records for fqn in r.attributes]
     assert names[:2] == ["layers.0.attention.wq.lora_a", "layers.0.attention.wq.lora_b"]
     state = llama_gm.state_dict()
     assert all(name in state for name in names) and len(set(names)) == 8
     params = dict(llama_gm.named_parameters())
-    assert isinstance(params["layers.1.attention.wv.lora_b"], nn.Parameter)
+    assert isinstance(params["layers.1.feed_forward.w2.lora_b"], nn.Parameter)
     a_node = next(n for n in llama_gm.graph.nodes if n.target == "layers.0.attention.wq.lora_a")
     assert a_node.meta["val"].shape == (RANK, 64) and a_node.meta["torchgraft"]["rule"] == "linear"
     torch.testing.assert_close(llama_gm(tokens), ref)  # B = 0: same function at first
