@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.passes.fsdp import apply_fsdp
 from torchgraft.passes.graph_io import convert_inputs_outputs
+from torchgraft.passes.liveness import Heartbeat, unresponsive_ranks
 from torchgraft.passes.tensor_parallel import LLAMA_PLAN, apply_tensor_parallel
 
 __all__ = [
@@ -71,7 +72,9 @@ class ParallelSpec(Protocol):
 def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_INIT_TIMEOUT_S) -> None:
     """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR`` ...), unless one exists: ``gloo`` on CPU, ``nccl`` on CUDA. A collective
-    that waits longer than ``timeout_s`` for another rank raises instead of hanging."""
+    that waits longer than ``timeout_s`` for another rank raises instead of hanging, and a
+    rank of this host that stops responding for that long is ended
+    (:mod:`~torchgraft.passes.liveness`)."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -83,20 +86,26 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_INIT_T
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    global _joined
+    global _joined, _heartbeat
     _joined = True
+    _heartbeat = Heartbeat.for_torchrun(timeout_s)
 
 
 _joined = False
 """Whether :func:`init_distributed` joined the default process group (a user's own is left
 alone)."""
+_heartbeat: Heartbeat | None = None
+"""This rank's heartbeat while :func:`init_distributed`'s group stands."""
 
 
 def leave_distributed() -> None:
     """Destroy the process group :func:`init_distributed` joined, if any, while the
     interpreter is still whole: left to interpreter exit, gloo's worker threads can abort
     the process (pytorch/pytorch#179291)."""
-    global _joined
+    global _joined, _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
     if _joined and dist.is_initialized():
         dist.destroy_process_group()
     _joined = False
@@ -104,23 +113,41 @@ def leave_distributed() -> None:
 
 def set_collective_timeout(timeout_s: float) -> None:
     """Change the timeout of every process group of this process (the default group and
-    the device mesh's) to ``timeout_s``, e.g. once the first training step is done."""
+    the device mesh's), and how long a rank of this host may stop responding, to
+    ``timeout_s``, e.g. once the first training step is done."""
     groups = list(dist.distributed_c10d._world.pg_map)  # every group this rank belongs to
     for group in groups:
         dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+    if _heartbeat is not None:
+        _heartbeat.set_timeout(timeout_s)
+
+
+_LOST_PEER_SIGNS = ("timed out", "connection reset by peer", "connection closed by peer")
+"""What gloo's errors say when another rank hung or died (gloo raises plain RuntimeErrors)."""
 
 
 def collective_failure(exc: BaseException) -> str | None:
     """A one-line account of ``exc`` if it is a collective that failed or timed out under a
-    process group (naming this rank), else ``None``."""
+    process group, else ``None``: it names this rank and the ranks whose heartbeat stopped
+    (:func:`~torchgraft.passes.liveness.unresponsive_ranks`)."""
     if not dist.is_initialized() or not isinstance(exc, RuntimeError):
         return None
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if not (isinstance(exc, dist.DistError) or "timed out" in text.lower()):
+    ended_a_rank = _heartbeat is not None and bool(_heartbeat.ended)
+    lost_peer = any(sign in text.lower() for sign in _LOST_PEER_SIGNS)
+    if not (isinstance(exc, dist.DistError) or lost_peer or ended_a_rank):
         return None
+    world = dist.get_world_size()
+    stopped = [place.describe(world) for place in unresponsive_ranks()]
+    culprit = (
+        f"{', '.join(stopped)} stopped responding"
+        if stopped
+        else "every rank still responds, so one is not reaching the collective (a deadlock "
+        "or a far slower step)"
+    )
     return (
-        f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed or timed out "
-        f"waiting for the other ranks (one may be hung, stopped or dead): {text}"
+        f"rank {dist.get_rank()} of {world}: a collective failed or timed out waiting for "
+        f"the other ranks: {culprit}: {text}"
     )
 
 

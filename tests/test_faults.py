@@ -111,13 +111,14 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
         job.kill()
         job.wait()
     output = "".join(x for _, x in lines)
-    reports = [t - start for t, x in lines if "error: rank 0 of 2: a collective" in x]
+    named = f"error: rank 0 of 2: rank 1 of 2 (pid {stopped} on this host) has not responded"
+    reports = [t - start for t, x in lines if named in x]
     assert job.returncode != 0 and reports, output
-    # rank 0 reports within the timeout (plus the step in flight) ...
+    # rank 0's heartbeat watch names the stopped rank once it has been silent for the
+    # timeout (plus a beat or two) and ends it, so the job ends within the timeout: it
+    # does not wait out torchrun's 30 s SIGTERM grace, which a stopped process ignores.
     assert reports[0] < TIMEOUT_S + 5, output
-    # ... and torchrun ends the job: SIGTERM, which a stopped process cannot act on, then
-    # SIGKILL after torchrun's fixed 30 s grace.
-    assert elapsed < reports[0] + 30 + 5, output
+    assert elapsed < TIMEOUT_S + 15, output
 
 
 def _ignore_missing():
