@@ -29,10 +29,18 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
-__all__ = ["HEARTBEAT_S", "MIN_STALE_S", "Heartbeat", "RankPlace", "unresponsive_ranks"]
+__all__ = [
+    "HEARTBEAT_S",
+    "MIN_STALE_S",
+    "Heartbeat",
+    "RankPlace",
+    "process_start",
+    "unresponsive_ranks",
+]
 
 HEARTBEAT_S = 1.0
 """Seconds between two beats of a rank's counter."""
@@ -44,11 +52,14 @@ _STORE_ERRORS = (RuntimeError, OSError, dist.DistError)
 
 @dataclasses.dataclass(frozen=True)
 class RankPlace:
-    """Where a rank runs: its host name and process id."""
+    """Where a rank runs: its host name, process id and the process's start time (clock
+    ticks since boot, from ``/proc``; ``None`` where there is no ``/proc``), which tells the
+    rank's process from a later one given the same pid."""
 
     rank: int
     host: str
     pid: int
+    started: int | None = None
 
     def describe(self, world: int) -> str:
         where = "this host" if self.host == socket.gethostname() else f"host {self.host}"
@@ -72,7 +83,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self.ended: list[RankPlace] = []
         """The ranks this heartbeat ended (their collectives then fail with a reset)."""
-        self.place = RankPlace(rank, socket.gethostname(), os.getpid())
+        self.place = RankPlace(rank, socket.gethostname(), os.getpid(), process_start(os.getpid()))
         store.set(_place_key(rank), json.dumps(dataclasses.asdict(self.place)))
         store.add(_beat_key(rank), 1)
         self._thread = threading.Thread(target=self._run, name="torchgraft-heartbeat", daemon=True)
@@ -126,19 +137,23 @@ class Heartbeat:
         return peers
 
     def _end(self, peer: RankPlace, silent_s: float) -> None:
-        """End a frozen local rank: the first rank to see it says so, and kills it."""
+        """End a frozen local rank: the first rank to see it says so, and kills it if its
+        process is still the one that registered (a dead rank's pid may be reused)."""
         me = str(self.rank).encode()
-        if self.store.compare_set(_ended_key(peer.rank), "", me) != me:
-            return
+        if peer in self.ended or self.store.compare_set(_ended_key(peer.rank), "", me) != me:
+            return  # ended already, by this rank or another
+        alive = peer.started is not None and process_start(peer.pid) == peer.started
+        action = "ending it with SIGKILL, which ends the job" if alive else "it has exited"
         print(
             f"torchgraft run: error: rank {self.rank} of {self.world}: "
             f"{peer.describe(self.world)} has not responded for {silent_s:.0f} s (stopped, "
-            "stuck or dead); ending it with SIGKILL, which ends the job",
+            f"stuck or dead); {action}",
             file=sys.stderr,
             flush=True,
         )
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(peer.pid, signal.SIGKILL)
+        if alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(peer.pid, signal.SIGKILL)
         self.ended.append(peer)
 
 
@@ -157,6 +172,16 @@ def unresponsive_ranks(window_s: float = 2.5 * HEARTBEAT_S) -> list[RankPlace]:
     except _STORE_ERRORS:
         return []
     return [p if p is not None else RankPlace(r, "?", -1) for r, p in zip(stopped, places)]
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (field 22 of ``/proc/PID/stat``), or ``None`` if it is
+    gone or there is no ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after the name start at 3
 
 
 def _job_store() -> dist.Store:
