@@ -301,6 +301,9 @@ class FlexAttention(tg.Handler):
     def flex(self, q, k, v, scale, enable_gqa, inputs: dict[str, Any], softcap=None):
         """The replacement every rule shares: the op with this handler's mask."""
         doc_ids = None
+        # SDPA broadcasts one k, v head over every query head (multi-query attention, e.g.
+        # Falcon): for flex that is grouped-query attention with one group.
+        enable_gqa = enable_gqa or (k.shape[1] == 1 and q.shape[1] > 1)
         if self.options.mask == "document":
             doc_ids = document_ids(inputs[TOKENS], self.options.eod_token)
         return torch.ops.torchgraft.flex_attention.default(

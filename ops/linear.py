@@ -33,6 +33,7 @@ __all__ = [
     "finish_grad_input",
     "finish_linear",
     "linear_ops",
+    "own_tensor",
     "register_linear_autograd",
 ]
 
@@ -73,12 +74,22 @@ def finish_linear(y2d: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
     leading dimensions and cast to ``x.dtype``."""
     if bias is not None:
         y2d = y2d + bias.float()
-    return y2d.reshape(*x.shape[:-1], y2d.shape[-1]).to(x.dtype)
+    return own_tensor(y2d.reshape(*x.shape[:-1], y2d.shape[-1]).to(x.dtype))
 
 
 def finish_grad_input(dx2d: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Shape the float32 ``dX [M, K]`` like the forward input (``grad``'s leading dims)."""
-    return dx2d.reshape(*grad.shape[:-1], dx2d.shape[-1]).to(grad.dtype)
+    return own_tensor(dx2d.reshape(*grad.shape[:-1], dx2d.shape[-1]).to(grad.dtype))
+
+
+def own_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own when it is a view of an op's temporary: the same memory,
+    no copy, without the view bookkeeping. Autograd forbids modifying in place a custom
+    op's output that is a view (transformers' Falcon adds its attention output in place to
+    its MLP projection's), while a plain tensor is fine."""
+    if t._base is None:
+        return t
+    return t.new_empty((0,)).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def fake_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -353,6 +353,21 @@ def test_repeated_kv_heads_become_gqa():
     torch.testing.assert_close(gm(q, k, v), expected)
 
 
+@pytest.mark.parametrize("kind", ["causal", "window"])
+def test_one_kv_head_broadcast_over_the_query_heads_becomes_gqa(kind):
+    """Multi-query attention as transformers' Falcon writes it: SDPA broadcasts a single
+    k, v head over the query heads; flex reads it as grouped-query attention."""
+    _, (q, k, v, padding) = _explicit(kind)
+    k1, v1 = (t[:, :1].contiguous() for t in (k, v))
+    gm = tg.capture(ExplicitMaskAttention(kind), (q, k1, v1, padding))
+    q, k1, v1 = (t.requires_grad_() for t in (q, k1, v1))
+    expected = _out_and_grads(lambda *qkv: gm(*qkv, padding), q, k1, v1)
+    tg.PassManager(["flex_attention"]).run(gm)
+    (flex,) = gm.graph.find_nodes(op="call_function", target=ops.flex_attention.default)
+    assert flex.args[5] is True
+    _assert_all_close(_out_and_grads(lambda *qkv: gm(*qkv, padding), q, k1, v1), expected)
+
+
 def test_attention_dropout_is_skipped_with_the_reason():
     class Eager(nn.Module):
         def forward(self, q, k, v):

@@ -268,6 +268,19 @@ def test_1d_input_and_frozen_weight(cfg: Config) -> None:
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("shape_idx", [0, 1])  # 3-D (reshaped back) and 2-D activations
+def test_output_can_be_modified_in_place(cfg: Config, shape_idx: int) -> None:
+    """As ``F.linear``'s: ``y += other`` (transformers' Falcon adds its attention output to
+    its MLP projection's in place) trains like ``y + other``, bit for bit."""
+    (x, w, b), g = _inputs(cfg, shape_idx)
+    other = torch.randn_like(g)
+    in_place = _run(lambda *args: cfg(*args).add_(other), x, w, b, g)
+    out_of_place = _run(lambda *args: cfg(*args) + other, x, w, b, g)
+    for name, a, r in zip(NAMES, in_place, out_of_place, strict=False):
+        assert torch.equal(a, r), f"{cfg} {name} differs after an in-place add"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_opcheck_forward(cfg: Config) -> None:
     (x, w, b), _ = _inputs(cfg, 0)
     torch.library.opcheck(cfg.op, (x, w, b, *cfg.args))
