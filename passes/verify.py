@@ -35,6 +35,7 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -43,6 +44,13 @@ from torch.utils._pytree import tree_leaves
 
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
+from torchgraft.passes.calibrate import (
+    CalibrationUnsupported,
+    NoisyInterpreter,
+    Rewritten,
+    regions,
+    signed_like,
+)
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
 
@@ -124,11 +132,34 @@ class HandlerSqnr:
     """Worst SQNR of the handler applied alone to the original graph, against the original;
     must reach ``tolerance_db``. Equal to ``step_db`` for the first handler that changes the
     graph; None when the handler rewrites nothing on its own."""
+    declared_db: float | None = None
+    """The handler's own tolerance (its ``sqnr_tolerance``; the rounding room of an exact
+    rewrite; ``-inf`` for ``approximates = False``). ``tolerance_db`` is lower only when
+    calibration lowered it."""
+    calibrated_db: float | None = None
+    """Worst SQNR of the original graph with noise of the handler's per-op error's size at
+    each place it rewrote (:mod:`~torchgraft.passes.calibrate`), against the original; the
+    handler is held to ``min(declared_db, calibrated_db - CALIBRATION_MARGIN_DB)``. None
+    when not calibrated (no ``op_sqnr_tolerance``, or nothing rewritten alone)."""
+    op_db: float | None = None
+    """Worst per-op SQNR of the rewritten places, each replacement against the nodes it
+    replaced on the same inputs; must reach ``op_tolerance_db``. None when not calibrated."""
+    op_worst: str = ""
+    """Which place and value had the worst per-op SQNR (``model.layers.0.mlp.up_proj:
+    gradient of model.layers.0.mlp.up_proj.weight``)."""
+    op_tolerance_db: float | None = None
+    """The handler's ``op_sqnr_tolerance``."""
 
 
 Values = dict[str, torch.Tensor]
-Isolate = Callable[[Step], "fx.GraphModule | None"]
+Isolate = Callable[[Step], "Rewritten | None"]
 """Builds the original graph rewritten by one handler alone (None: it rewrites nothing)."""
+
+_NOISE_SEED = 10_000
+"""Offset of the calibration noise's seed from the verifier's (other random streams)."""
+
+CALIBRATION_MARGIN_DB = 3.0
+"""How far below its calibrated SQNR a handler may fall (see the module docstring)."""
 
 
 class Verifier:
@@ -171,6 +202,8 @@ class Verifier:
                     "inputs=...) or model.inputs in the config)",
                 )
             )
+        self.original = copy_graph_module(gm)
+        """The graph before the plan (its own graph, sharing ``gm``'s parameters)."""
         self.previous = self.reference
         self.total_db = math.inf
         self.changed = False
@@ -179,13 +212,16 @@ class Verifier:
     def after_handler(self, step: Step, records: list[MatchRecord], editor: GraphEditor) -> None:
         if self.reference is None:
             return
-        tolerance = _tolerance(step, self.reference)
+        declared = _tolerance(step, self.reference)
         if not records:  # nothing changed
-            self.results[step.name] = HandlerSqnr(step.name, math.inf, self.total_db, "", tolerance)
+            self.results[step.name] = HandlerSqnr(
+                step.name, math.inf, self.total_db, "", declared, declared_db=declared
+            )
             return
         before_db = self.total_db
+        rewritten = copy_graph_module(self.gm, editor.is_live)
         try:
-            current = self._measure(copy_graph_module(self.gm, editor.is_live))
+            current = self._measure(rewritten)
         except Exception as exc:
             self.problems.append(
                 Problem(
@@ -199,18 +235,35 @@ class Verifier:
             )
             self.reference = None  # later handlers cannot be measured either
             return
-        alone = current if not self.changed else self._alone(step)
+        if self.changed:
+            isolated = self.isolate(step) if self.isolate is not None else None
+            alone = self._alone(isolated)
+        else:
+            isolated = Rewritten(self.original, rewritten, regions(records, editor))
+            alone = current
         self.changed = True
         step_db, worst = _worst(current, self.previous, self.floors)
         self.total_db, _ = _worst(current, self.reference, self.floors)
         alone_db, alone_worst = (
             _worst(alone, self.reference, self.floors) if alone is not None else (None, "")
         )
-        self.results[step.name] = HandlerSqnr(
-            step.name, step_db, self.total_db, worst, tolerance, alone_db
+        calibration = self._calibrate(step, isolated if alone is not None else None)
+        tolerance = declared
+        if calibration.calibrated_db is not None:
+            tolerance = min(declared, calibration.calibrated_db - CALIBRATION_MARGIN_DB)
+        self.results[step.name] = dataclasses.replace(
+            calibration,
+            handler=step.name,
+            step_db=step_db,
+            total_db=self.total_db,
+            worst=worst,
+            tolerance_db=tolerance,
+            alone_db=alone_db,
+            declared_db=declared,
         )
         self.previous = current
-        kind = _held_to(step)
+        kind = _held_to(step, tolerance < declared)
+        op_tolerance = calibration.op_tolerance_db
         if not step_db >= min(tolerance, before_db):
             self._problem(
                 step,
@@ -224,17 +277,51 @@ class Verifier:
                 f"'{step.name}' applied alone to the original graph gives the {alone_worst} "
                 f"SQNR {alone_db:.1f} dB, below {tolerance:.1f} dB required of {kind}",
             )
+        if calibration.op_db is not None and not calibration.op_db >= op_tolerance:
+            self._problem(
+                step,
+                f"'{step.name}' at {calibration.op_worst}: per-op SQNR {calibration.op_db:.1f} dB "
+                "(its replacement against the nodes it replaced, on the same inputs), below its "
+                f"op_sqnr_tolerance {op_tolerance:.1f} dB",
+            )
 
-    def _alone(self, step: Step) -> Values | None:
-        """The values of the original graph rewritten by ``step``'s handler alone; None if
-        that cannot be built or run (the handler may need the ones before it)."""
-        isolated = self.isolate(step) if self.isolate is not None else None
+    def _alone(self, isolated: Rewritten | None) -> Values | None:
+        """The values of the original graph rewritten by one handler alone; None if that
+        cannot be built or run (the handler may need the ones before it)."""
         if isolated is None:
             return None
         try:
-            return self._measure(isolated)
+            return self._measure(isolated.after)
         except Exception:  # judged on its step only, like a handler that needs others
             return None
+
+    def _calibrate(self, step: Step, isolated: Rewritten | None) -> HandlerSqnr:
+        """The calibration fields of the handler's result (the rest filled in later): the
+        original graph run with noise of the handler's per-op error at each place it
+        rewrote alone, and that per-op error itself."""
+        op_tolerance = getattr(step.handler, "op_sqnr_tolerance", None)
+        empty = HandlerSqnr(step.name, math.inf, math.inf, "", math.inf)
+        if op_tolerance is None or step.handler.sqnr_tolerance is None or isolated is None:
+            return empty
+        noise = signed_like(torch.Generator().manual_seed(_NOISE_SEED + self.seed))
+        try:
+            interpreter = NoisyInterpreter(isolated, noise)
+            noisy = self._measure(interpreter.run)
+        except CalibrationUnsupported:
+            return empty
+        calibrated_db, _ = _worst(noisy, self.reference, self.floors)
+        op_db, op_worst = math.inf, ""
+        for site in interpreter.sites:
+            db, what = _worst(site.approximations, site.references, scale_floors(site.references))
+            if db < op_db or not op_worst:
+                op_db, op_worst = db, f"{site.region.where}: {what}"
+        return dataclasses.replace(
+            empty,
+            calibrated_db=calibrated_db,
+            op_db=op_db,
+            op_worst=op_worst,
+            op_tolerance_db=float(op_tolerance),
+        )
 
     def _problem(self, step: Step, message: str) -> None:
         self.problems.append(Problem("numerics", (step.name,), None, None, None, message))
@@ -245,7 +332,7 @@ class Verifier:
         measured on (``"output 0"``, ``"gradient of ..."``)."""
         return _worst(self._measure(module), self.reference, self.floors)
 
-    def _measure(self, module: fx.GraphModule) -> Values:
+    def _measure(self, module: Callable[..., Any]) -> Values:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)  # same dropout masks in every run
@@ -280,9 +367,14 @@ def _tolerance(step: Step, reference: Values) -> float:
     return float(step.handler.sqnr_tolerance)
 
 
-def _held_to(step: Step) -> str:
+def _held_to(step: Step, calibrated: bool) -> str:
     if step.handler.sqnr_tolerance is None:
         return "an exact rewrite (sqnr_tolerance = None)"
+    if calibrated:
+        return (
+            f"its calibrated tolerance (SQNR with noise of its per-op error, less "
+            f"{CALIBRATION_MARGIN_DB:g} dB; sqnr_tolerance {step.handler.sqnr_tolerance:g} dB)"
+        )
     return "its sqnr_tolerance"
 
 
