@@ -45,7 +45,6 @@ from torch.utils._pytree import tree_leaves
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
 from torchgraft.passes.calibrate import (
-    CalibrationUnsupported,
     NoisyInterpreter,
     Rewritten,
     regions,
@@ -151,6 +150,16 @@ class HandlerSqnr:
     """The handler's ``op_sqnr_tolerance``."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Calibration:
+    """The calibration fields of a :class:`HandlerSqnr`."""
+
+    calibrated_db: float
+    op_db: float
+    op_worst: str
+    op_tolerance_db: float
+
+
 Values = dict[str, torch.Tensor]
 Isolate = Callable[[Step], "Rewritten | None"]
 """Builds the original graph rewritten by one handler alone (None: it rewrites nothing)."""
@@ -249,21 +258,20 @@ class Verifier:
         )
         calibration = self._calibrate(step, isolated if alone is not None else None)
         tolerance = declared
-        if calibration.calibrated_db is not None:
+        if calibration is not None:
             tolerance = min(declared, calibration.calibrated_db - CALIBRATION_MARGIN_DB)
-        self.results[step.name] = dataclasses.replace(
-            calibration,
-            handler=step.name,
-            step_db=step_db,
-            total_db=self.total_db,
-            worst=worst,
-            tolerance_db=tolerance,
-            alone_db=alone_db,
-            declared_db=declared,
+        self.results[step.name] = HandlerSqnr(
+            step.name,
+            step_db,
+            self.total_db,
+            worst,
+            tolerance,
+            alone_db,
+            declared,
+            **(dataclasses.asdict(calibration) if calibration is not None else {}),
         )
         self.previous = current
         kind = _held_to(step, tolerance < declared)
-        op_tolerance = calibration.op_tolerance_db
         if not step_db >= min(tolerance, before_db):
             self._problem(
                 step,
@@ -277,12 +285,12 @@ class Verifier:
                 f"'{step.name}' applied alone to the original graph gives the {alone_worst} "
                 f"SQNR {alone_db:.1f} dB, below {tolerance:.1f} dB required of {kind}",
             )
-        if calibration.op_db is not None and not calibration.op_db >= op_tolerance:
+        if calibration is not None and not calibration.op_db >= calibration.op_tolerance_db:
             self._problem(
                 step,
                 f"'{step.name}' at {calibration.op_worst}: per-op SQNR {calibration.op_db:.1f} dB "
                 "(its replacement against the nodes it replaced, on the same inputs), below its "
-                f"op_sqnr_tolerance {op_tolerance:.1f} dB",
+                f"op_sqnr_tolerance {calibration.op_tolerance_db:.1f} dB",
             )
 
     def _alone(self, isolated: Rewritten | None) -> Values | None:
@@ -295,33 +303,29 @@ class Verifier:
         except Exception:  # judged on its step only, like a handler that needs others
             return None
 
-    def _calibrate(self, step: Step, isolated: Rewritten | None) -> HandlerSqnr:
-        """The calibration fields of the handler's result (the rest filled in later): the
-        original graph run with noise of the handler's per-op error at each place it
-        rewrote alone, and that per-op error itself."""
+    def _calibrate(self, step: Step, isolated: Rewritten | None) -> _Calibration | None:
+        """The original graph run with noise of the handler's per-op error at each place it
+        rewrote alone, and that per-op error; None for a handler without an
+        ``op_sqnr_tolerance``, or when the places cannot be evaluated on their own or the
+        noisy run is not finite (the handler is then held to its declared tolerance)."""
         op_tolerance = getattr(step.handler, "op_sqnr_tolerance", None)
-        empty = HandlerSqnr(step.name, math.inf, math.inf, "", math.inf)
         if op_tolerance is None or step.handler.sqnr_tolerance is None or isolated is None:
-            return empty
+            return None
         noise = signed_like(torch.Generator().manual_seed(_NOISE_SEED + self.seed))
         try:
             interpreter = NoisyInterpreter(isolated, noise)
             noisy = self._measure(interpreter.run)
-        except CalibrationUnsupported:
-            return empty
+        except Exception:  # CalibrationUnsupported, or a region that fails on its own
+            return None
         calibrated_db, _ = _worst(noisy, self.reference, self.floors)
+        if not math.isfinite(calibrated_db) or not interpreter.sites:
+            return None
         op_db, op_worst = math.inf, ""
         for site in interpreter.sites:
             db, what = _worst(site.approximations, site.references, scale_floors(site.references))
             if db < op_db or not op_worst:
                 op_db, op_worst = db, f"{site.region.where}: {what}"
-        return dataclasses.replace(
-            empty,
-            calibrated_db=calibrated_db,
-            op_db=op_db,
-            op_worst=op_worst,
-            op_tolerance_db=float(op_tolerance),
-        )
+        return _Calibration(calibrated_db, op_db, op_worst, float(op_tolerance))
 
     def _problem(self, step: Step, message: str) -> None:
         self.problems.append(Problem("numerics", (step.name,), None, None, None, message))
