@@ -89,42 +89,47 @@ class _Site:
 
     def record(self, what: str, approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
         """Remember the local pair; return the exact value plus noise of the error's size."""
-        self.approximations[what], self.references[what] = approx.detach(), exact.detach()
-        return exact + self.noise((approx - exact).detach())
+        approx, exact = approx.detach(), exact.detach()
+        self.approximations[what], self.references[what] = approx, exact
+        return exact + self.noise(approx - exact)
 
 
 class _NoisyRegion(torch.autograd.Function):
-    """The exact region, plus noise of the replacement's error, forward and backward."""
+    """The exact region, plus noise of the replacement's error, forward and backward. Both
+    are traced once, in the forward, on local copies of the inputs; the backward takes their
+    gradients with the real cotangent."""
 
     @staticmethod
     def forward(ctx, site: _Site, *inputs: Any) -> tuple[torch.Tensor, ...]:
         ctx.site = site
-        ctx.tensors = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
-        ctx.others = inputs
-        ctx.save_for_backward(*(inputs[i] for i in ctx.tensors))
-        exact, approx = site.exact(inputs), site.approx(inputs)
+        ctx.wanted = [i for i, v in enumerate(inputs) if ctx.needs_input_grad[1 + i]]
+        with torch.enable_grad():
+            local = [
+                v.detach().requires_grad_() if i in ctx.wanted else v for i, v in enumerate(inputs)
+            ]
+            ctx.exact, ctx.approx = site.exact(local), site.approx(local)
+        ctx.leaves = [local[i] for i in ctx.wanted]
         return tuple(
-            site.record(f"output {i}", a, e) for i, (e, a) in enumerate(zip(exact, approx))
+            site.record(f"output {i}", a, e) for i, (e, a) in enumerate(zip(ctx.exact, ctx.approx))
         )
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
         site = ctx.site
-        inputs = list(ctx.others)
-        wanted = [i for i in ctx.tensors if ctx.needs_input_grad[1 + i]]
-        with torch.enable_grad():
-            for i, saved in zip(ctx.tensors, ctx.saved_tensors):
-                inputs[i] = saved.detach().requires_grad_(i in wanted)
-            leaves = [inputs[i] for i in wanted]
-            exact = _grads(site.exact(inputs), leaves, grads)
-            approx = _grads(site.approx(inputs), leaves, grads)
-        out: list[Any] = [None] * (1 + len(inputs))
-        for i, e, a in zip(wanted, exact, approx):
+        exact = _grads(ctx.exact, ctx.leaves, grads)
+        approx = _grads(ctx.approx, ctx.leaves, grads)
+        out: list[Any] = [None] * (1 + len(site.inputs))
+        for i, e, a in zip(ctx.wanted, exact, approx):
             out[1 + i] = site.record(f"gradient of {site.inputs[i]}", a, e)
         return tuple(out)
 
 
-def _grads(outputs: list[Any], leaves: list[torch.Tensor], grads: Sequence[torch.Tensor]):
+def _grads(
+    outputs: list[torch.Tensor], leaves: list[torch.Tensor], grads: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``d<outputs, grads>/d leaves`` (zeros where a leaf is unused)."""
+    if not leaves:
+        return []
     pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
     found = torch.autograd.grad(
         [o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True
