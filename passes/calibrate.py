@@ -3,7 +3,7 @@
 A lossy handler (float8, MX, ...) approximates each op it rewrites with some local error;
 how much of it reaches the model's outputs and gradients depends on the model: a residual
 stream dilutes each branch's noise, a norm after a branch (Gemma2's post-norms) rescales
-it back to unit size. :func:`noisy_run` measures that amplification directly: it runs the
+it back to unit size. :class:`NoisyInterpreter` measures that amplification: it runs the
 graph *before* the handler, and at each rewritten place (a :class:`Region`) computes both
 the matched nodes (exact) and the handler's replacement on the same inputs, and passes on
 the exact values plus **random noise of exactly the replacement's error norm** — in the
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch.fx.node import map_arg
+from torch.utils._pytree import tree_leaves
 
 from torchgraft.ir.matcher import is_assertion
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
@@ -82,7 +83,7 @@ class _Site:
     exact: Callable[[Sequence[Any]], list[Any]]
     approx: Callable[[Sequence[Any]], list[Any]]
     noise: Callable[[torch.Tensor], torch.Tensor]
-    inputs: list[str] = dataclasses.field(default_factory=list)
+    inputs: list[str]
     """Names of the boundary values (parameter FQNs, node names), for messages."""
     approximations: Values = dataclasses.field(default_factory=dict)
     references: Values = dataclasses.field(default_factory=dict)
@@ -107,7 +108,9 @@ class _NoisyRegion(torch.autograd.Function):
             local = [
                 v.detach().requires_grad_() if i in ctx.wanted else v for i, v in enumerate(inputs)
             ]
-            ctx.exact, ctx.approx = site.exact(local), site.approx(local)
+            ctx.exact = site.exact(local)  # draws random numbers as the original does
+            with torch.random.fork_rng(devices=[]):  # the replacement's draws: not counted
+                ctx.approx = site.approx(local)
         ctx.leaves = [local[i] for i in ctx.wanted]
         return tuple(
             site.record(f"output {i}", a, e) for i, (e, a) in enumerate(zip(ctx.exact, ctx.approx))
@@ -187,8 +190,8 @@ class NoisyInterpreter(fx.Interpreter):
                     [(n, index[s]) for n, s in zip(approx_inputs, sources)],
                 ),
                 noise,
+                [str(n.target) if n.op == "get_attr" else n.name for n in boundary],
             )
-            site.inputs = [str(n.target) if n.op == "get_attr" else n.name for n in boundary]
             self.sites.append(site)
             self._last[replaced[-1]] = (site, boundary, outputs)
             for node in replaced[:-1]:  # what they read last is read at the region's end
@@ -202,7 +205,15 @@ class NoisyInterpreter(fx.Interpreter):
         if n not in self._last:
             return None  # computed with its region, at the region's last node
         site, boundary, outputs = self._last[n]
-        results = _NoisyRegion.apply(site, *(self.env[b] for b in boundary))
+        values = [self.env[b] for b in boundary]
+        if any(
+            isinstance(v, (list, tuple, dict))
+            and any(isinstance(t, torch.Tensor) for t in tree_leaves(v))
+            for v in values
+        ):
+            # their gradients would not flow through the region (and read as lost)
+            raise CalibrationUnsupported(f"region '{site.region.where}' reads a container")
+        results = _NoisyRegion.apply(site, *values)
         for out, value in zip(outputs, results):
             self.env[out] = value
         return self.env.get(n)

@@ -71,12 +71,7 @@ from torch.utils._pytree import tree_leaves
 
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
-from torchgraft.passes.calibrate import (
-    NoisyInterpreter,
-    Rewritten,
-    regions,
-    signed_like,
-)
+from torchgraft.passes.calibrate import NoisyInterpreter, Rewritten, Values, regions, signed_like
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
 
@@ -187,7 +182,6 @@ class _Calibration:
     op_tolerance_db: float
 
 
-Values = dict[str, torch.Tensor]
 Isolate = Callable[[Step], "Rewritten | None"]
 """Builds the original graph rewritten by one handler alone (None: it rewrites nothing)."""
 
