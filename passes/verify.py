@@ -33,7 +33,7 @@ right shapes.
 model-level number measured on some model; how much of the same per-op error reaches the
 outputs and gradients depends on the architecture (Gemma2's post-norms rescale each
 quantized branch to unit RMS before the residual add: noise of the same per-op size costs
-it 5-6 dB more than it costs Llama). So the verify stage runs the original graph once more
+a tiny Gemma2 4.5-6.3 dB more than a Llama of the same size). So the verify stage runs the original graph once more
 with, at each place the handler rewrote alone, the exact values plus noise of exactly its
 replacement's error there (forward outputs, and the gradients of its inputs and
 parameters with the real cotangent; the error with a random sign per element:
