@@ -231,8 +231,9 @@ class PassManager:
 
     def _isolator(self, original: fx.GraphModule) -> Callable[[Step], Rewritten | None]:
         """For the verifier: ``original`` (the graph before the plan, not changed) rewritten
-        by one handler alone, as a copy; None if the handler rewrites nothing there alone
-        (or fails there: it may need the handlers before it)."""
+        by one handler alone, as a copy, with the places it rewrote (for the calibration);
+        None if the handler rewrites nothing there alone (or fails there: it may need the
+        handlers before it)."""
 
         def alone(step: Step) -> fx.GraphModule | None:
             work = copy_graph_module(original)

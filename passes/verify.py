@@ -183,7 +183,8 @@ class _Calibration:
 
 
 Isolate = Callable[[Step], "Rewritten | None"]
-"""Builds the original graph rewritten by one handler alone (None: it rewrites nothing)."""
+"""Builds the original graph rewritten by one handler alone, with the places it rewrote
+(None: it rewrites nothing there)."""
 
 _NOISE_SEED = 10_000
 """Offset of the calibration noise's seed from the verifier's (other random streams)."""
@@ -249,9 +250,9 @@ class Verifier:
             )
             return
         before_db = self.total_db
-        rewritten = copy_graph_module(self.gm, editor.is_live)
+        after = copy_graph_module(self.gm, editor.is_live)
         try:
-            current = self._measure(rewritten)
+            current = self._measure(after)
         except Exception as exc:
             self.problems.append(
                 Problem(
@@ -269,7 +270,7 @@ class Verifier:
             isolated = self.isolate(step) if self.isolate is not None else None
             alone = self._alone(isolated)
         else:
-            isolated = Rewritten(self.original, rewritten, regions(records, editor))
+            isolated = Rewritten(self.original, after, regions(records, editor))
             alone = current
         self.changed = True
         step_db, worst = _worst(current, self.previous, self.floors)
