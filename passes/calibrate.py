@@ -84,7 +84,7 @@ class _Site:
     approx: Callable[[Sequence[Any]], list[Any]]
     noise: Callable[[torch.Tensor], torch.Tensor]
     inputs: list[str]
-    """Names of the boundary values (parameter FQNs, node names), for messages."""
+    """Names of the boundary values (parameter FQNs, ``input 'node'``), for messages."""
     approximations: Values = dataclasses.field(default_factory=dict)
     references: Values = dataclasses.field(default_factory=dict)
 
@@ -190,7 +190,7 @@ class NoisyInterpreter(fx.Interpreter):
                     [(n, index[s]) for n, s in zip(approx_inputs, sources)],
                 ),
                 noise,
-                [str(n.target) if n.op == "get_attr" else n.name for n in boundary],
+                [str(n.target) if n.op == "get_attr" else f"input '{n.name}'" for n in boundary],
             )
             self.sites.append(site)
             self._last[replaced[-1]] = (site, boundary, outputs)
