@@ -424,6 +424,8 @@ def describe_handler(name: str, cls: type[Handler]) -> str:
     shown = "exact" if tolerance is None else f"{tolerance} dB"
     if not cls.approximates:
         shown = "none (a different function, not an approximation)"
+    if cls.op_sqnr_tolerance is not None:
+        shown += f", calibrated on the model (per-op tolerance {cls.op_sqnr_tolerance} dB)"
     lines.append(f"  sqnr tolerance: {shown}")
     lines.append("  rules:")
     lines.extend(

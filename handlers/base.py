@@ -93,6 +93,15 @@ class Handler:
     :data:`torchgraft.passes.verify.EXACT_SQNR_DB`). It says how close the handler comes
     to the function it replaces, applied alone to the original graph; see
     :mod:`torchgraft.passes.verify` for how each value is judged."""
+    op_sqnr_tolerance: float | None = None
+    """Minimum SQNR (dB) of each rewritten place on its own: the replacement against the
+    nodes it replaced, on the same inputs, forward outputs and (with the real cotangent) the
+    gradients of its inputs and parameters. A lossy handler that declares it gets a
+    *calibrated* tolerance on top of ``sqnr_tolerance``: the verify stage measures what
+    noise of its per-op error's size costs on the model at hand and holds it to the lower of
+    the two (:mod:`torchgraft.passes.verify`, :mod:`torchgraft.passes.calibrate`). None (the
+    default): held to ``sqnr_tolerance`` alone. Set it per instance in ``__init__`` when it
+    depends on the options, like ``sqnr_tolerance``; it needs a ``sqnr_tolerance``."""
     approximates: ClassVar[bool] = True
     """False for a handler that computes a different function on purpose (``relu`` →
     ``gelu``, a new activation or loss), not an approximation of the one it replaces:
@@ -120,6 +129,19 @@ class Handler:
         ):
             raise HandlerDefinitionError(
                 f"{where}.sqnr_tolerance must be a number of dB or None, got {tolerance!r}"
+            )
+        op_tolerance = cls.op_sqnr_tolerance
+        if op_tolerance is not None and (
+            isinstance(op_tolerance, bool) or not isinstance(op_tolerance, (int, float))
+        ):
+            raise HandlerDefinitionError(
+                f"{where}.op_sqnr_tolerance must be a number of dB or None, got {op_tolerance!r}"
+            )
+        if op_tolerance is not None and tolerance is None:
+            raise HandlerDefinitionError(
+                f"{where} sets op_sqnr_tolerance = {op_tolerance!r} without a sqnr_tolerance: "
+                "the per-op tolerance calibrates a lossy handler's model-level one; declare "
+                "sqnr_tolerance (dB) too"
             )
         if not isinstance(cls.approximates, bool):
             raise HandlerDefinitionError(

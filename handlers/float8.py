@@ -53,6 +53,11 @@ class Float8(LinearHandler):
     """Whole-model verify: the worst output/gradient SQNR measured on the tiny Llama was
     16.7 dB tensorwise, 19.1 dB rowwise (12 random models and input shapes)."""
 
+    op_sqnr_tolerance = 15.0
+    """Per linear, replacement against ``F.linear`` on the same inputs (forward, and the
+    gradients with the real cotangent): measured 23.1-24.4 dB tensorwise, 27.3-27.9 dB
+    rowwise (6 transformers architectures, 3 inputs each); a wrong scale reads about 0 dB."""
+
     @dataclasses.dataclass(kw_only=True)
     class Options(LinearHandler.Options, KernelOption):
         recipe: Literal["tensorwise", "rowwise"] = "tensorwise"

@@ -31,6 +31,11 @@ class Int8(LinearHandler):
     """Whole-model verify: the worst output/gradient SQNR measured on the tiny Llama was
     32.1 dB (training), 32.8 dB (dynamic), 34.2 dB (weight_only)."""
 
+    op_sqnr_tolerance = 10.0
+    """Per linear, replacement against ``F.linear`` on the same inputs (forward, and the
+    gradients with the real cotangent): measured 37-38 dB, but 15.9 dB on a gradient with
+    one token 100x the others (per-row scales along the tokens); a wrong scale reads 0 dB."""
+
     @dataclasses.dataclass(kw_only=True)
     class Options(LinearHandler.Options, KernelOption):
         mode: Literal["weight_only", "dynamic", "training"] = "training"

@@ -16,6 +16,7 @@ from torchgraft.ir.errors import RewriteError
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.pattern import target_name
 from torchgraft.ir.rewriter import GraphEditor, RuleApplier
+from torchgraft.passes.calibrate import Rewritten, regions
 from torchgraft.passes.checks import (
     ClobberCheck,
     NoMatchCheck,
@@ -228,10 +229,11 @@ class PassManager:
         report.problems = []
         return CheckResult(self.order, problems, report, op_histogram(work.graph), allowed)
 
-    def _isolator(self, original: fx.GraphModule) -> Callable[[Step], fx.GraphModule | None]:
+    def _isolator(self, original: fx.GraphModule) -> Callable[[Step], Rewritten | None]:
         """For the verifier: ``original`` (the graph before the plan, not changed) rewritten
-        by one handler alone, as a copy; None if the handler rewrites nothing there alone
-        (or fails there: it may need the handlers before it)."""
+        by one handler alone, as a copy, with the places it rewrote (for the calibration);
+        None if the handler rewrites nothing there alone (or fails there: it may need the
+        handlers before it)."""
 
         def alone(step: Step) -> fx.GraphModule | None:
             work = copy_graph_module(original)
@@ -245,7 +247,11 @@ class PassManager:
                 ]
             except (RewriteError, OptionError):
                 return None
-            return copy_graph_module(work, editor.is_live) if records else None
+            if not records:
+                return None
+            return Rewritten(
+                original, copy_graph_module(work, editor.is_live), regions(records, editor)
+            )
 
         return alone
 

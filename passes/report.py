@@ -64,15 +64,18 @@ class Report:
 
     def __str__(self) -> str:
         header = ["handler", "rule", "matches", "ms"]
+        calibrated = any(s.calibrated_db is not None for s in self.sqnr.values())
         if self.sqnr:
             header += ["SQNR dB", "alone dB", "total dB", "tolerance"]
+        if calibrated:
+            header += ["declared", "calibrated", "op dB", "op tol"]
         rows = [header]
         for name in self.order:
             rules = self.rule_matches.get(name, {})
             row = [name, "", str(sum(rules.values())), f"{1e3 * self.seconds.get(name, 0.0):.1f}"]
             if self.sqnr:
                 s = self.sqnr.get(name)
-                row += _sqnr_cells(s) if s else ["", "", "", ""]
+                row += _sqnr_cells(s, calibrated) if s else [""] * (len(header) - 4)
             rows.append(row)
             rows.extend(
                 ["", rule, str(count)] + [""] * (len(header) - 3) for rule, count in rules.items()
@@ -145,11 +148,21 @@ def table(rows: list[list[str]]) -> str:
     )
 
 
-def _sqnr_cells(s: HandlerSqnr) -> list[str]:
-    alone = "" if s.alone_db is None else _db(s.alone_db)
-    tolerance = "none" if s.tolerance_db == -math.inf else _db(s.tolerance_db)
-    return [_db(s.step_db), alone, _db(s.total_db), tolerance]
+def _sqnr_cells(s: HandlerSqnr, calibrated: bool) -> list[str]:
+    """The SQNR columns of one handler; with ``calibrated``, also its declared tolerance,
+    calibrated SQNR, worst per-op SQNR and per-op tolerance (blank where not calibrated)."""
+    cells = [_db(s.step_db), _db(s.alone_db), _db(s.total_db), _tolerance(s.tolerance_db)]
+    if calibrated:
+        cells += [_tolerance(s.declared_db), _db(s.calibrated_db), _db(s.op_db)]
+        cells.append(_tolerance(s.op_tolerance_db))
+    return cells
 
 
-def _db(value: float) -> str:
+def _tolerance(value: float | None) -> str:
+    return "none" if value == -math.inf else _db(value)
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return ""
     return "exact" if math.isinf(value) and value > 0 else f"{value:.1f}"

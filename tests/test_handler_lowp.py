@@ -187,6 +187,9 @@ def test_sqnr_tolerances():
     assert tolerances == {"float8": 12.0, "int8": 26.0, "mx": 3.0, "bitnet": -3.0}
     assert tg.get_handler("mx")(format="mxfp8").sqnr_tolerance == 14.0
     assert tg.get_handler("mx")(format="mxfp4").sqnr_tolerance == 3.0
+    ops = {name: tg.get_handler(name)().op_sqnr_tolerance for name in LOWP}
+    assert ops == {"float8": 15.0, "int8": 10.0, "mx": 15.0, "bitnet": 2.0}  # per op, calibrated
+    assert tg.get_handler("mx")(format="mxfp4").op_sqnr_tolerance == 6.0
 
 
 @pytest.mark.parametrize(

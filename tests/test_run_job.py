@@ -65,6 +65,10 @@ def test_run_writes_metrics_and_loss_plot(tmp_path, capsys):
         {"name": "float8", "matches": 14},
     ]
     assert metrics["tokens_per_s"] > 0 and len(metrics["baseline_losses"]) == 4
+    float8 = {s["handler"]: s for s in metrics["sqnr_db"]}["float8"]  # calibrated alone
+    assert float8["declared_db"] == 12.0 and float8["op_tolerance_db"] == 15.0
+    assert float8["op_db"] >= 15.0 and float8["tolerance_db"] <= 12.0
+    assert float8["tolerance_db"] <= float8["calibrated_db"] - 3.0 or float8["tolerance_db"] == 12.0
     png = (out / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")

@@ -10,8 +10,12 @@ import torch
 
 import torchgraft as tg
 from torchgraft.handlers.base import HandlerDefinitionError
+from torchgraft.handlers.linear_rules import LinearHandler
+from torchgraft.ir.graph_copy import copy_graph_module
+from torchgraft.ir.rewriter import GraphEditor, RuleApplier
 from torchgraft.models import build_llama
 from torchgraft.ops.numerics import sqnr
+from torchgraft.passes.calibrate import NoisyInterpreter, Rewritten, regions
 from torchgraft.passes.verify import Verifier, judged_sqnr, scale_floors
 from torchgraft.tools.graph_copy import run_on_copy
 
@@ -79,6 +83,9 @@ def test_int8_after_float8_is_judged_alone_too():
     assert int8.step_db >= result.report.sqnr["float8"].total_db
     text = str(result.report)
     assert "alone dB" in text and f"{int8.alone_db:.1f}" in text
+    # int8 is calibrated alone too: on the original graph, its own places
+    assert int8.calibrated_db is not None and int8.op_db >= int8.op_tolerance_db == 10.0
+    assert "calibrated" in text and f"{int8.calibrated_db:.1f}" in text and "op tol" in text
 
 
 def test_a_handler_is_refused_when_it_fails_alone():
@@ -135,3 +142,65 @@ def test_a_different_function_declares_what_it_is():
         class Both(ReluToGelu):  # noqa: F841
             approximates = False
             sqnr_tolerance = 10.0
+
+
+class ExactLinear(LinearHandler):
+    """A 'quantizer' that computes F.linear itself (every linear form, as the real ones)."""
+
+    sqnr_tolerance = 20.0
+    op_sqnr_tolerance = 20.0
+
+    def quantized_linear(self, x, w, b):
+        return aten.linear.default(x, w, b)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    model = build_llama("tiny", seed=0)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    return tg.capture(model, (tokens,))
+
+
+def _rewritten(gm, handler) -> Rewritten:
+    work = copy_graph_module(gm)
+    editor = GraphEditor(work.graph)
+    applier = RuleApplier(editor)
+    records = [r for rule in handler.rules() for r in applier.apply(rule, handler, "h")]
+    return Rewritten(gm, copy_graph_module(work, editor.is_live), regions(records, editor))
+
+
+@pytest.mark.parametrize("handler", ["mx", "bitnet"])
+def test_the_noisy_run_without_noise_is_the_original(tiny_llama, handler):
+    """Calibration's run evaluates each rewritten place beside the exact nodes and passes on
+    the exact values: with zero noise it reproduces the original graph, outputs and every
+    parameter's gradient (none lost through the places), while it records each place's
+    replacement error (forward and backward, with the real cotangent)."""
+    rewritten = _rewritten(tiny_llama, tg.get_handler(handler)())
+    interpreter = NoisyInterpreter(rewritten, torch.zeros_like)
+    db, _ = Verifier(tiny_llama).judge(interpreter.run)
+    assert db > 120
+    assert len(interpreter.sites) == len(rewritten.regions) > 0
+    for site in interpreter.sites:
+        assert "output 0" in site.references and any("gradient" in k for k in site.references)
+        assert any(
+            sqnr(site.approximations[k], site.references[k]) < 40 for k in site.references
+        )  # lossy ops: their error is what the noise is sized to
+
+
+def test_an_exact_quantizer_calibrates_to_its_declared_tolerance(tiny_llama):
+    s = tg.PassManager([ExactLinear], verify=True).run(copy_graph_module(tiny_llama)).sqnr
+    (result,) = s.values()
+    assert result.op_db > 100 and result.calibrated_db > 100  # no error: no noise
+    assert result.tolerance_db == result.declared_db == 20.0
+
+
+def test_op_sqnr_tolerance_needs_a_model_level_one():
+    with pytest.raises(HandlerDefinitionError, match="without a sqnr_tolerance"):
+
+        class NoModelLevel(ExactLinear):  # noqa: F841
+            sqnr_tolerance = None
+
+    with pytest.raises(HandlerDefinitionError, match="op_sqnr_tolerance must be a number"):
+
+        class NotANumber(ExactLinear):  # noqa: F841
+            op_sqnr_tolerance = "15"

@@ -19,13 +19,17 @@ import torch
 from torch import fx, nn
 
 import torchgraft as tg
+from torchgraft.handlers.bitnet import BitNet
+from torchgraft.handlers.mx import MX
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ops.numerics import sqnr
+from torchgraft.passes.verify import CALIBRATION_MARGIN_DB
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 ops = torch.ops.torchgraft
+aten = torch.ops.aten
 VOCAB, BATCH, SEQ = 128, 2, 16
 SLIDING = 8
 """Sliding window of Mistral and Gemma2 here: shorter than SEQ, so it masks something."""
@@ -185,41 +189,35 @@ def test_linear_handlers_convert_every_linear_but_the_head(zoo, arch, handler):
     assert sqnr(out, captured.reference) > tolerance
 
 
-_GEMMA2_GAP = (
-    "Gemma2's post-attention / post-feedforward norms rescale each quantized branch to unit "
-    "RMS before the residual add, so its noise is not diluted by the residual stream "
-    "(test_gemma2_numerics_gap_is_the_architecture): "
-)
-KNOWN_NUMERICS = {
-    ("gemma2", "mx"): _GEMMA2_GAP + "a pre-feedforward norm weight's gradient, 11.8 dB (< 14)",
-    ("gemma2", "bitnet"): _GEMMA2_GAP + "an o_proj weight's gradient, -5.0 dB (< -3)",
-}
-"""Pairs whose ``check`` reports ``numerics`` as measured (seed 0): a real property of the
-architecture, not a bug of the rewrite (the test below shows both)."""
-
-
 @pytest.mark.parametrize("handler", LINEAR_HANDLERS)
 @pytest.mark.parametrize("arch", list(LLMS))
-def test_check_is_clean(zoo, arch, handler, request):
-    if (arch, handler) in KNOWN_NUMERICS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_NUMERICS[arch, handler]))
-    assert tg.PassManager([handler]).check(zoo.llm(arch).gm) == []
+def test_check_is_clean(zoo, arch, handler):
+    """Regression (issue 11): Gemma2 failed ``check`` with mx (11.8 dB < 14) and bitnet
+    (-5.0 dB < -3), tolerances measured on Llama; its calibrated tolerance admits them."""
+    result = tg.PassManager([handler]).dry_run(zoo.llm(arch).gm)
+    assert result.problems == []
+    s = result.report.sqnr[handler]
+    assert s.calibrated_db is not None and s.op_db >= s.op_tolerance_db  # calibrated, per op
 
 
-@pytest.mark.parametrize("handler", sorted({h for _, h in KNOWN_NUMERICS}))
-def test_gemma2_numerics_gap_is_the_architecture(handler):
-    """Why Gemma2 fails ``check`` with mx / bitnet. Not the rewrite: the rewritten graph
-    equals, bit for bit, the eager model with the same op swapped into every linear layer
-    but the head (and the op matches its reference formula: ``test_ops_linear``). Not the
-    logit soft-capping or the sqrt(hidden) embedding scale either (measured: no change
-    without them; quantization is scale-invariant). It is the post-norms: with
-    ``post_attention_layernorm`` / ``post_feedforward_layernorm`` made identity, ``check``
-    is clean (measured worst gradient: mx 14.1 -> 21.1 dB, bitnet -4.2 -> 1.3 dB)."""
+@pytest.mark.parametrize("handler", ["mx", "bitnet"])
+def test_gemma2_is_judged_by_what_its_architecture_makes_of_the_format(zoo, handler):
+    """Why Gemma2 passes with mx / bitnet, below the tolerances declared from Llama. Not a
+    lenient judge of the rewrite: the rewritten graph equals, bit for bit, the eager model
+    with the same op swapped into every linear but the head, and each op reaches its
+    ``op_sqnr_tolerance``. The architecture: Gemma2's post-attention / post-feedforward
+    norms rescale each quantized branch to unit RMS before the residual add, so noise of the
+    ops' own size costs Gemma2 more than Llama (calibrated, measured: mx 13.7 dB, 20.6 with
+    those norms made identity; bitnet -6.8 and -1.0 dB); the handler is held to that, less
+    the margin."""
     torch.manual_seed(0)
     model = LLMS["gemma2"]()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    ids = zoo.llm("gemma2").inputs[0]
     gm = tg.capture(model, (ids,))
-    tg.PassManager([handler]).run(gm)
+    s = tg.PassManager([handler], verify=True).run(gm).sqnr[handler]
+    assert s.op_db >= s.op_tolerance_db  # each op is as good as the format
+    assert s.step_db < s.declared_db  # below what Llama gets ...
+    assert s.tolerance_db == s.calibrated_db - CALIBRATION_MARGIN_DB <= s.step_db  # ... as noise
     (config,) = {
         n.args[3:] for n in gm.graph.find_nodes(op="call_function", target=LINEAR_OPS[handler])
     }
@@ -241,7 +239,65 @@ def test_gemma2_numerics_gap_is_the_architecture(handler):
     for layer in without_post_norms.model.layers:
         layer.post_attention_layernorm.forward = _identity
         layer.post_feedforward_layernorm.forward = _identity
-    assert tg.PassManager([handler]).check(tg.capture(without_post_norms, (ids,))) == []
+    result = tg.PassManager([handler]).dry_run(tg.capture(without_post_norms, (ids,)))
+    assert result.problems == []
+    assert result.report.sqnr[handler].calibrated_db > s.calibrated_db + 3
+
+
+class WrongScale(MX):
+    """mxfp8 with a weight scale 25% off: each op reads 12 dB (its format gives 24-27)."""
+
+    def quantized_linear(self, x, w, b):
+        return ops.mx_linear.default(x, aten.mul.Tensor(w, 1.25), b, self.options.format)
+
+
+class DropsTerm(MX):
+    """mxfp8 that drops the contraction's first block of 32 input features."""
+
+    def quantized_linear(self, x, w, b):
+        x, w = aten.slice.Tensor(x, -1, 32), aten.slice.Tensor(w, 1, 32)
+        return ops.mx_linear.default(x, w, b, self.options.format)
+
+
+class SystematicOffset(MX):
+    """mxfp8 plus a constant of 10% of the output's RMS: a biased error of per-op SQNR 19 dB,
+    above the per-op tolerance, that adds up across layers as random noise does not."""
+
+    def quantized_linear(self, x, w, b):
+        y = ops.mx_linear.default(x, w, b, self.options.format)
+        rms = aten.sqrt.default(aten.mean.default(aten.mul.Tensor(y, y)))
+        return aten.add.Tensor(y, aten.mul.Tensor(aten.detach.default(rms), 0.1))
+
+
+class BitNetWrongScale(BitNet):
+    """BitNet with the ternary weights' scale doubled (per-op SQNR 0 dB; its format gives 5)."""
+
+    def quantized_linear(self, x, w, b):
+        return ops.bitnet_linear.default(x, aten.mul.Tensor(w, 2.0), b, self.options.kernel)
+
+
+BROKEN = {
+    WrongScale: "per-op SQNR",
+    DropsTerm: "per-op SQNR",
+    SystematicOffset: "calibrated tolerance",
+    BitNetWrongScale: "per-op SQNR",
+}
+"""Each broken quantizer, and what catches it: the per-op tolerance, or the model-level
+tolerance calibrated with noise of the per-op error's size (which a biased error fails)."""
+
+
+@pytest.mark.parametrize("broken", list(BROKEN), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_broken_quantizer_is_still_a_numerics_problem(zoo, arch, broken):
+    """Calibration lowers the bar on Gemma2 to what its architecture makes of the format's
+    per-op error, but not for a quantizer that is wrong: as measured (seed 0), a wrong scale
+    reads 12 dB per op (mxfp8 tolerance 15), a dropped term 2-3 dB, a wrong BitNet scale
+    0 dB (tolerance 2), and the biased offset 9.0 dB on Llama (calibrated 12.7 - 3) and 0.5
+    dB on Gemma2 (5.1 - 3), at a per-op 19 dB that passes."""
+    problems = tg.PassManager([broken]).check(zoo.llm(arch).gm)
+    assert problems and all(p.kind == "numerics" for p in problems)
+    assert all(p.handlers == (broken().display_name,) for p in problems)
+    assert any(BROKEN[broken] in p.message for p in problems), problems
 
 
 def _swapped(op, linear: nn.Linear, config: tuple, x: torch.Tensor) -> torch.Tensor:
