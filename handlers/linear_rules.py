@@ -15,11 +15,13 @@ The ``[in, out]`` forms pass ``aten.t(w)`` to the op, so gradients reach the ori
 parameter through the transpose. A form that multiplies two activations (attention scores)
 is not a linear layer and does not match (the ``where`` filter :func:`parameter_weight`).
 
-Two options and the shape eligibility are applied in :meth:`~LinearHandler.reject`, so
+Three options and the shape eligibility are applied in :meth:`~LinearHandler.reject`, so
 that ``tg.explain`` states why a linear was left alone and
 :meth:`~torchgraft.Handler.skipped` lists it with that reason: ``skip_head`` (default on)
 leaves the projection that produces the logits in high precision, found by structure
-(:func:`produces_logits`), whatever its name; ``skip_fqns`` names modules explicitly. A
+(:func:`produces_logits`), whatever its name; ``skip_router`` (default on) does the same
+for a mixture-of-experts router (:func:`routes_experts`); ``skip_fqns`` names modules
+explicitly. A
 subclass only writes its options, its shape requirement and its op::
 
     @tg.register_handler("mx")
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,7 +57,7 @@ from torchgraft.handlers.base import Handler, ModuleFilter
 from torchgraft.ir.provenance import module_glob
 from torchgraft.ir.rule import Match, rule
 
-__all__ = ["LinearHandler", "parameter_weight", "produces_logits"]
+__all__ = ["LinearHandler", "parameter_weight", "produces_logits", "routes_experts"]
 
 aten = torch.ops.aten
 
@@ -119,16 +122,56 @@ def produces_logits(node: fx.Node) -> bool:
     ``lm_head``, ``output``, GPT-2's tied ``lm_head`` and BERT's ``cls.predictions.decoder``
     produce logits; an attention or FFN projection is followed by other computation.
     """
+    return _reaches(node, _is_prediction_sink, _keeps_logits)
+
+
+_SCORES = frozenset({aten.softmax.int, aten._softmax.default, aten.sigmoid.default})
+"""Ops that turn a mixture-of-experts router's logits into its scores."""
+
+
+def routes_experts(node: fx.Node) -> bool:
+    """Whether ``node`` computes a mixture-of-experts router's logits: through reshapes,
+    casts and softmax / sigmoid only, it reaches the ``topk`` that picks each token's
+    experts (transformers' Mixtral, Qwen2-MoE ``mlp.gate``; TorchTitan's ``router.gate``),
+    whatever its FQN. Rounding there changes which experts a token goes to, not only by how
+    much, so low-precision recipes keep the router in high precision."""
+    return _reaches(node, _is_expert_choice, _keeps_scores)
+
+
+def _reaches(
+    node: fx.Node,
+    is_sink: Callable[[fx.Node], bool],
+    keeps: Callable[[fx.Node, fx.Node], bool],
+) -> bool:
+    """Whether a user of ``node`` for which ``is_sink`` holds is reached through users that
+    ``keeps`` (the user, the value it reads) the same quantity."""
     work, seen = [node], {node}
     while work:
         value = work.pop()
         for user in value.users:
-            if user.op == "output" or (user.op == "call_function" and user.target in _LOSSES):
+            if is_sink(user):
                 return True
-            if user not in seen and _keeps_logits(user, value):
+            if user not in seen and keeps(user, value):
                 seen.add(user)
                 work.append(user)
     return False
+
+
+def _is_prediction_sink(node: fx.Node) -> bool:
+    return node.op == "output" or (node.op == "call_function" and node.target in _LOSSES)
+
+
+def _is_expert_choice(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is aten.topk.default
+
+
+def _keeps_scores(node: fx.Node, value: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in _RESHAPES | _SCORES
+        and node.target is not aten.tanh.default
+        and node.args[0] is value
+    )
 
 
 def parameter_weight(match: Match) -> bool:
@@ -171,6 +214,10 @@ class LinearHandler(Handler):
         training recipes do: the linear whose output, through reshapes, casts and
         soft-capping only, is returned by the model or fed to its loss (``lm_head``,
         ``output``, a classifier), whatever its name."""
+        skip_router: bool = True
+        """Leave a mixture-of-experts router in high precision: the linear whose output,
+        through reshapes, casts and softmax / sigmoid only, reaches the ``topk`` that picks
+        the experts (:func:`routes_experts`), whatever its name."""
 
     @rule
     def linear(x: torch.Tensor, w: torch.Tensor):  # linear(x, w) -> <fmt>_linear(x, w, None)
@@ -267,14 +314,14 @@ class LinearHandler(Handler):
         if glob is not None:
             return f"module '{match.module_fqn}' is in skip_fqns (glob {glob!r})"
         if self.options.skip_head and produces_logits(match.anchor):
-            what = (
-                f"module '{match.module_fqn}'"
-                if match.module_fqn
-                else f"node '{match.anchor.name}'"
-            )
             return (
-                f"{what} produces the logits (the head stays in high precision; set "
-                "skip_head: false to convert it)"
+                f"{_described(match)} produces the logits (the head stays in high precision; "
+                "set skip_head: false to convert it)"
+            )
+        if self.options.skip_router and routes_experts(match.anchor):
+            return (
+                f"{_described(match)} routes tokens to experts (its scores reach a topk: the "
+                "router stays in high precision; set skip_router: false to convert it)"
             )
         w = match["w"]
         if w.ndim != 2:
@@ -282,3 +329,8 @@ class LinearHandler(Handler):
         if match.rule.name in _IN_OUT:
             w = w.mT  # stored [in, out]: the op gets [N, K]
         return self.shape_failure(w)
+
+
+def _described(match: Match) -> str:
+    """The matched layer as a message names it: its module, else its node."""
+    return f"module '{match.module_fqn}'" if match.module_fqn else f"node '{match.anchor.name}'"

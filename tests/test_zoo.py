@@ -67,6 +67,16 @@ LLMS: dict[str, Callable[[], nn.Module]] = {
         transformers.Gemma2Config(**_DECODER, head_dim=16, sliding_window=SLIDING)
     ),
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER)),
+    "falcon": lambda: transformers.FalconForCausalLM(  # multi-query, parallel attn + MLP
+        transformers.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+    ),
 }
 """Each causal LM with dropout off (verify compares two runs of the graph)."""
 
@@ -200,6 +210,35 @@ def test_check_is_clean(zoo, arch, handler):
     assert s.calibrated_db is not None and s.op_db >= s.op_tolerance_db  # calibrated, per op
 
 
+@pytest.fixture(scope="module")
+def mixtral() -> Captured:
+    """A mixture-of-experts LM (2 layers, 4 experts, top-2), captured as transformers ships it."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(config)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    return Captured(model, tg.capture(model, (ids,)), (ids,))
+
+
+@pytest.mark.parametrize("handler", LINEAR_HANDLERS)
+def test_the_expert_router_stays_in_high_precision_by_structure(mixtral, handler):
+    """A router's logits pick each token's experts (``topk``): rounding them moves tokens to
+    other experts, so the handlers leave it alone, found by structure like the head
+    (``skip_router``). Measured on this Mixtral before: int8 converted both routers and
+    failed check (router gradient 12.0 dB < 26), mx too (7.4 dB)."""
+    report = tg.PassManager([handler]).run(mixtral.copy())
+    skipped = {s.module_fqn: s.reason for s in report.skipped[handler]}
+    routers = {f"model.layers.{i}.mlp.gate" for i in range(2)}
+    assert routers <= set(skipped)
+    assert all("routes tokens to experts" in skipped[fqn] for fqn in routers)
+    assert tg.PassManager([handler]).check(mixtral.gm) == []
+    unskipped = tg.PassManager([{handler: {"skip_router": False}}]).run(mixtral.copy())
+    still = {s.module_fqn: s.reason for s in unskipped.skipped[handler]}
+    assert not any("routes tokens" in reason for reason in still.values())
+    # converted, unless the format refuses the shape (float8: N=4 experts is not a multiple of 16)
+    assert unskipped.matches[handler] == report.matches[handler] + len(routers - set(still))
+
+
 @pytest.mark.parametrize("handler", ["mx", "bitnet"])
 def test_gemma2_is_judged_by_what_its_architecture_makes_of_the_format(zoo, handler):
     """Why Gemma2 passes with mx / bitnet, below the tolerances declared from Llama. Not a
@@ -300,6 +339,10 @@ def test_a_broken_quantizer_is_still_a_numerics_problem(zoo, arch, broken):
     assert any(BROKEN[broken] in p.message for p in problems), problems
 
 
+def _heads(node: fx.Node) -> int:
+    return node.meta["val"].shape[1]
+
+
 def _swapped(op, linear: nn.Linear, config: tuple, x: torch.Tensor) -> torch.Tensor:
     return op(x, linear.weight, linear.bias, *config)
 
@@ -315,6 +358,7 @@ FLEX_EXPECTED = {
     "phi3": ("masked_sdpa_gqa", [None, None], None),
     "gemma2": ("softcapped_attention_gqa", [SLIDING, None], 50.0),
     "llama": ("masked_sdpa_gqa", [None, None], None),
+    "falcon": ("masked_sdpa", [None, None], None),
 }
 """Rule, sliding window per layer and soft-cap of each model's attention. Gemma2 has only
 eager attention (no SDPA), soft-capped, with sliding and global layers alternating."""
@@ -332,7 +376,9 @@ def test_flex_attention_converts_the_attention(zoo, arch):
     flex = gm.graph.find_nodes(op="call_function", target=ops.flex_attention.default)
     assert [n.args[6] for n in flex] == windows
     assert [n.args[7] for n in flex] == [softcap, softcap]
-    assert all(n.args[5] == (rule.endswith("_gqa")) for n in flex)  # kv heads not copied
+    # grouped-query exactly where k has fewer heads than q: kv heads not copied (HF's
+    # repeat_kv undone) or broadcast (Falcon's one k, v head)
+    assert all(n.args[5] == (_heads(n.args[1]) < _heads(n.args[0])) for n in flex)
     assert not report.skipped["flex_attention"]
     # the mask subgraph went with the attention (eager mode would compute it per forward:
     # measured 37 -> 28 ms, median of 7 forwards of a 2-layer Mistral at 2 x 1024 tokens)
