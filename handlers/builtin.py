@@ -1,30 +1,21 @@
-"""Imports every built-in handler module so that each registers itself."""
+"""The built-in handler modules: importing them registers their handlers."""
 
-from torchgraft.handlers import (
-    bitnet,
-    chunked_loss,
-    flex_attention,
-    float8,
-    int8,
-    lora,
-    muon,
-    mx,
-    onednn_matmul,
-    recompute,
-    wsd,
-)
+import importlib
 
-MODULES = (
-    bitnet,
-    chunked_loss,
-    flex_attention,
-    float8,
-    int8,
-    lora,
-    muon,
-    mx,
-    onednn_matmul,
-    recompute,
-    wsd,
+MODULES = tuple(
+    importlib.import_module(f"torchgraft.handlers.{name}")
+    for name in (
+        "bitnet",
+        "chunked_loss",
+        "flex_attention",
+        "float8",
+        "int8",
+        "lora",
+        "muon",
+        "mx",
+        "onednn_matmul",
+        "recompute",
+        "wsd",
+    )
 )
 """The modules that define the built-in handlers."""

@@ -69,9 +69,7 @@ LLMS: dict[str, Callable[[], nn.Module]] = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER)),
     "falcon": lambda: transformers.FalconForCausalLM(  # multi-query, parallel attn + MLP
         transformers.FalconConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=2,
+            **{k: _DECODER[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")},
             num_attention_heads=4,
             hidden_dropout=0.0,
             attention_dropout=0.0,
