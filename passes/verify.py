@@ -19,6 +19,10 @@ reference (norm 2e-12 on a tiny BERT, where the word embeddings' gradient has no
 would read as a failure of any rewrite. A value of ordinary size is judged against its
 own norm, so a gradient that stops flowing still reads 0 dB.
 
+**Discrete choices are held:** every run compared with the original takes the original's
+``topk`` choices (a mixture-of-experts router's), and changes that the scores' movement does
+not explain are ``numerics`` problems (:mod:`~torchgraft.passes.pinned_choices`).
+
 **Each handler is judged twice** (see :class:`HandlerSqnr`): its *step* (the graph after
 it against the graph before it) must reach ``min(tolerance, SQNR of the graph before it)``
 — a handler is not blamed for noise earlier handlers left, which later roundings carry
@@ -59,6 +63,7 @@ graph, the rewritten places evaluated beside the exact ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -73,6 +78,7 @@ from torch.utils._pytree import tree_leaves
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
 from torchgraft.passes.calibrate import NoisyInterpreter, Rewritten, Values, regions, signed_like
+from torchgraft.passes.pinned_choices import Choice, RecordChoices, ReplayChoices
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
 
@@ -171,6 +177,10 @@ class HandlerSqnr:
     gradient of model.layers.0.mlp.up_proj.weight``)."""
     op_tolerance_db: float | None = None
     """The handler's ``op_sqnr_tolerance``."""
+    choices_changed: int | None = None
+    """Rows (tokens) whose ``topk`` choice, e.g. of experts, differs after this handler from
+    the original graph's; the comparison holds them to the original's
+    (:mod:`~torchgraft.passes.pinned_choices`). None when the graph makes no such choice."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +196,8 @@ class _Calibration:
 Isolate = Callable[[Step], "Rewritten | None"]
 """Builds the original graph rewritten by one handler alone, with the places it rewrote
 (None: it rewrites nothing there)."""
+
+_TOPK = torch.ops.aten.topk.default
 
 _NOISE_SEED = 10_000
 """Offset of the calibration noise's seed from the verifier's (other random streams)."""
@@ -217,9 +229,19 @@ class Verifier:
         self.problems: list[Problem] = []
         self.reference: Values | None = None
         self.floors: dict[str, float] = {}
+        self.choices: list[Choice] = []
+        """The original graph's ``topk`` choices on the inputs, which runs compared with it
+        take (:mod:`~torchgraft.passes.pinned_choices`)."""
+        self.changed_choices: int | None = None
+        """Rows of the last pinned run that chose otherwise (None: nothing pinned)."""
+        self.unexplained_choices = 0
+        """Of those, the rows whose scores moved too little to explain it."""
         try:
             self.inputs = tuple(inputs) if inputs is not None else random_inputs(gm, seed)
-            self.reference = self._measure(gm)
+            recorder = RecordChoices()
+            has_choices = bool(gm.graph.find_nodes(op="call_function", target=_TOPK))
+            self.reference = self._run(gm, recorder if has_choices else contextlib.nullcontext())
+            self.choices = recorder.choices
             self.floors = scale_floors(self.reference)
         except Exception as exc:  # any failure of the user's model on these inputs
             self.problems.append(
@@ -253,7 +275,8 @@ class Verifier:
         before_db = self.total_db
         after = copy_graph_module(self.gm, editor.is_live)
         try:
-            current = self._measure(after)
+            current = self._measure(after, pin=True)
+            changed_choices, unexplained = self.changed_choices, self.unexplained_choices
         except Exception as exc:
             self.problems.append(
                 Problem(
@@ -292,6 +315,7 @@ class Verifier:
             alone_db,
             declared,
             **(dataclasses.asdict(calibration) if calibration is not None else {}),
+            choices_changed=changed_choices,
         )
         self.previous = current
         kind = _held_to(step, tolerance < declared)
@@ -308,6 +332,13 @@ class Verifier:
                 f"'{step.name}' applied alone to the original graph gives the {alone_worst} "
                 f"SQNR {alone_db:.1f} dB, below {tolerance:.1f} dB required of {kind}",
             )
+        if unexplained:
+            self._problem(
+                step,
+                f"after '{step.name}' {unexplained} of the rows a topk chooses from (e.g. "
+                "tokens choosing experts) choose otherwise than the original graph, though "
+                "their scores moved too little to explain it: the choice itself changed",
+            )
         if calibration is not None and not calibration.op_db >= calibration.op_tolerance_db:
             self._problem(
                 step,
@@ -322,7 +353,7 @@ class Verifier:
         if isolated is None:
             return None
         try:
-            return self._measure(isolated.after)
+            return self._measure(isolated.after, pin=True)
         except Exception:  # judged on its step only, like a handler that needs others
             return None
 
@@ -337,7 +368,7 @@ class Verifier:
         noise = signed_like(torch.Generator().manual_seed(_NOISE_SEED + self.seed))
         try:
             interpreter = NoisyInterpreter(isolated, noise)
-            noisy = self._measure(interpreter.run)
+            noisy = self._measure(interpreter.run, pin=True)
         except Exception:  # CalibrationUnsupported, or a region that fails on its own
             return None
         calibrated_db, _ = _worst(noisy, self.reference, self.floors)
@@ -359,27 +390,39 @@ class Verifier:
         measured on (``"output 0"``, ``"gradient of ..."``)."""
         return _worst(self._measure(module), self.reference, self.floors)
 
-    def _measure(self, module: Callable[..., Any]) -> Values:
+    def _measure(self, module: Callable[..., Any], pin: bool = False) -> Values:
+        """Outputs and gradients of ``module`` on the inputs; with ``pin``, taking the
+        original graph's ``topk`` choices where it calls ``topk`` as the original does."""
+        self.changed_choices, self.unexplained_choices = None, 0
+        if not (pin and self.choices):
+            return self._run(module, contextlib.nullcontext())
+        replay = ReplayChoices(self.choices)
+        values = self._run(module, replay)
+        if not replay.aligned:  # other choices than the original's: compared as they are
+            return self._run(module, contextlib.nullcontext())
+        self.changed_choices, self.unexplained_choices = replay.changed, replay.unexplained
+        return values
+
+    def _run(self, module: Callable[..., Any], mode: contextlib.AbstractContextManager) -> Values:
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), mode:
                 torch.manual_seed(self.seed)  # same dropout masks in every run
-                out = module(*self.inputs)
-            leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            values = {f"output {i}": t.detach() for i, t in enumerate(leaves)}
-            terms = [
-                (t * self._direction(i, t)).sum() for i, t in enumerate(leaves) if t.requires_grad
-            ]
-            if terms and self.params:
-                grads = torch.autograd.grad(
-                    sum(terms), [p for _, p in self.params], allow_unused=True
-                )
-                for (name, p), g in zip(self.params, grads):
-                    values[f"gradient of {name}"] = torch.zeros_like(p) if g is None else g
-            return values
+                return self._values(module(*self.inputs))
         finally:
             with torch.no_grad():
                 for name, buffer in self.gm.named_buffers():
                     buffer.copy_(self.buffers[name])
+
+    def _values(self, out: Any) -> Values:
+        """The outputs ``out`` and the parameters' gradients of ``sum_i <out_i, r_i>``."""
+        leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        values = {f"output {i}": t.detach() for i, t in enumerate(leaves)}
+        terms = [(t * self._direction(i, t)).sum() for i, t in enumerate(leaves) if t.requires_grad]
+        if terms and self.params:
+            grads = torch.autograd.grad(sum(terms), [p for _, p in self.params], allow_unused=True)
+            for (name, p), g in zip(self.params, grads):
+                values[f"gradient of {name}"] = torch.zeros_like(p) if g is None else g
+        return values
 
     def _direction(self, index: int, t: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + 1 + index)

@@ -204,3 +204,22 @@ def test_op_sqnr_tolerance_needs_a_model_level_one():
 
         class NotANumber(ExactLinear):  # noqa: F841
             op_sqnr_tolerance = "15"
+
+
+def test_held_topk_choices_count_and_judge_the_rows_that_would_change():
+    from torchgraft.passes.pinned_choices import RecordChoices, ReplayChoices
+
+    scores = torch.tensor([[0.50, 0.49, 0.10, 0.00], [0.90, 0.10, 0.05, 0.00]])
+    with RecordChoices() as recorder:
+        torch.topk(scores, 1)
+    nudged = scores + torch.tensor([[0.0, 0.02, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    with ReplayChoices(recorder.choices) as replay:  # row 0 flips on a near tie
+        values, index = torch.topk(nudged, 1)
+    assert index.tolist() == [[0], [0]] and torch.equal(values, nudged[:, :1])
+    assert (replay.changed, replay.unexplained, replay.aligned) == (1, 0, True)
+    with ReplayChoices(recorder.choices) as replay:  # the smallest, from the same scores
+        torch.topk(scores, 1, largest=False)
+    assert (replay.changed, replay.unexplained) == (2, 2)
+    with ReplayChoices(recorder.choices) as replay:  # another call count: not held
+        torch.topk(scores, 1), torch.topk(scores, 1)
+    assert not replay.aligned
