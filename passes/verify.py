@@ -232,10 +232,8 @@ class Verifier:
         self.choices: list[Choice] = []
         """The original graph's ``topk`` choices on the inputs, which runs compared with it
         take (:mod:`~torchgraft.passes.pinned_choices`)."""
-        self.changed_choices: int | None = None
-        """Rows of the last pinned run that chose otherwise (None: nothing pinned)."""
-        self.unexplained_choices = 0
-        """Of those, the rows whose scores moved too little to explain it."""
+        self.held: ReplayChoices | None = None
+        """The last run's held choices (None: nothing held)."""
         try:
             self.inputs = tuple(inputs) if inputs is not None else random_inputs(gm, seed)
             recorder = RecordChoices()
@@ -276,7 +274,7 @@ class Verifier:
         after = copy_graph_module(self.gm, editor.is_live)
         try:
             current = self._measure(after, pin=True)
-            changed_choices, unexplained = self.changed_choices, self.unexplained_choices
+            held = self.held
         except Exception as exc:
             self.problems.append(
                 Problem(
@@ -315,7 +313,7 @@ class Verifier:
             alone_db,
             declared,
             **(dataclasses.asdict(calibration) if calibration is not None else {}),
-            choices_changed=changed_choices,
+            choices_changed=held.changed if held is not None else None,
         )
         self.previous = current
         kind = _held_to(step, tolerance < declared)
@@ -332,10 +330,10 @@ class Verifier:
                 f"'{step.name}' applied alone to the original graph gives the {alone_worst} "
                 f"SQNR {alone_db:.1f} dB, below {tolerance:.1f} dB required of {kind}",
             )
-        if unexplained:
+        if held is not None and held.unexplained:
             self._problem(
                 step,
-                f"after '{step.name}' {unexplained} of the rows a topk chooses from (e.g. "
+                f"after '{step.name}' {held.unexplained} of the rows a topk chooses from (e.g. "
                 "tokens choosing experts) choose otherwise than the original graph, though "
                 "their scores moved too little to explain it: the choice itself changed",
             )
@@ -393,14 +391,14 @@ class Verifier:
     def _measure(self, module: Callable[..., Any], pin: bool = False) -> Values:
         """Outputs and gradients of ``module`` on the inputs; with ``pin``, taking the
         original graph's ``topk`` choices where it calls ``topk`` as the original does."""
-        self.changed_choices, self.unexplained_choices = None, 0
+        self.held = None
         if not (pin and self.choices):
             return self._run(module, contextlib.nullcontext())
         replay = ReplayChoices(self.choices)
         values = self._run(module, replay)
         if not replay.aligned:  # other choices than the original's: compared as they are
             return self._run(module, contextlib.nullcontext())
-        self.changed_choices, self.unexplained_choices = replay.changed, replay.unexplained
+        self.held = replay
         return values
 
     def _run(self, module: Callable[..., Any], mode: contextlib.AbstractContextManager) -> Values:
