@@ -21,8 +21,7 @@ that ``tg.explain`` states why a linear was left alone and
 leaves the projection that produces the logits in high precision, found by structure
 (:func:`produces_logits`), whatever its name; ``skip_router`` (default on) does the same
 for a mixture-of-experts router (:func:`routes_experts`); ``skip_fqns`` names modules
-explicitly. A
-subclass only writes its options, its shape requirement and its op::
+explicitly. A subclass only writes its options, its shape requirement and its op::
 
     @tg.register_handler("mx")
     class MX(LinearHandler):
@@ -125,8 +124,13 @@ def produces_logits(node: fx.Node) -> bool:
     return _reaches(node, _is_prediction_sink, _keeps_logits)
 
 
-_SCORES = frozenset({aten.softmax.int, aten._softmax.default, aten.sigmoid.default})
-"""Ops that turn a mixture-of-experts router's logits into its scores."""
+_SCORE_PATH = (_RESHAPES - {aten.tanh.default}) | {
+    aten.softmax.int,
+    aten._softmax.default,
+    aten.sigmoid.default,
+}
+"""Ops that keep a mixture-of-experts router's logits its scores: reshapes and casts, and
+softmax / sigmoid (the scores themselves)."""
 
 
 def routes_experts(node: fx.Node) -> bool:
@@ -166,12 +170,7 @@ def _is_expert_choice(node: fx.Node) -> bool:
 
 
 def _keeps_scores(node: fx.Node, value: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target in _RESHAPES | _SCORES
-        and node.target is not aten.tanh.default
-        and node.args[0] is value
-    )
+    return node.op == "call_function" and node.target in _SCORE_PATH and node.args[0] is value
 
 
 def parameter_weight(match: Match) -> bool:
