@@ -81,6 +81,7 @@ class Heartbeat:
         self.world = world
         self.timeout_s = timeout_s
         self._stop = threading.Event()
+        self._places: dict[int, RankPlace] = {}
         self.ended: list[RankPlace] = []
         """The ranks this heartbeat ended (their collectives then fail with a reset)."""
         self.place = RankPlace(rank, socket.gethostname(), os.getpid(), process_start(os.getpid()))
@@ -131,9 +132,13 @@ class Heartbeat:
         for rank in range(first, first + count):
             if rank == self.rank or self.store.check([_done_key(rank)]):
                 continue
-            place = _place(self.store, rank)
-            if place is not None and place.host == self.place.host:
-                peers.append(place)
+            if rank not in self._places:  # registered once, read once
+                place = _place(self.store, rank)
+                if place is None:
+                    continue
+                self._places[rank] = place
+            if self._places[rank].host == self.place.host:
+                peers.append(self._places[rank])
         return peers
 
     def _end(self, peer: RankPlace, silent_s: float) -> None:
