@@ -227,9 +227,6 @@ class Template:
     outputs: list[Any]
     per_match: bool = False
     """True when the replacement creates state or reads values: trace it for every match."""
-    accepted: set[tuple] = dataclasses.field(default_factory=set)
-    """``(output index, shape, dtype)`` of matched values this template's outputs were
-    checked against and may replace (see :func:`output_key`)."""
 
 
 def _same_size(a: Any, b: Any) -> bool:
@@ -247,19 +244,6 @@ def describe_value(val: Any) -> str:
     return repr(val)
 
 
-def output_key(index: int, val: Any) -> tuple | None:
-    """Hashable ``(index, shape, dtype)`` of a matched output value with static sizes, under
-    which a template remembers that it passed :func:`output_mismatch`; None otherwise."""
-    if not isinstance(val, torch.Tensor):
-        return None
-    key = (index, val.shape, val.dtype)
-    try:
-        hash(key)
-    except TypeError:  # symbolic sizes: check every time
-        return None
-    return key
-
-
 def output_mismatch(new: Any, old: Any) -> bool:
     """Whether a replacement output ``new`` cannot stand in for the matched value ``old``
     (both ``meta["val"]``): another rank, dtype or a dimension known to differ. Values that
@@ -274,7 +258,10 @@ def output_mismatch(new: Any, old: Any) -> bool:
 def signature(match: Match) -> tuple:
     """Key of the matched values: per binding its name and, for a tensor node, shape, strides,
     dtype, device and ``requires_grad``; for another node its value's ``repr``; for a literal
-    its ``repr``. Symbolic sizes make it unhashable: such a match is traced on its own."""
+    its ``repr``; then per output of the match its tensor's shape and dtype (None for another
+    value), so that a template cached under the key was checked against those outputs
+    (:func:`output_mismatch`). Symbolic sizes make it unhashable: such a match is traced on
+    its own."""
     key = []
     for name, value in match.bindings.items():
         if isinstance(value, fx.Node):
@@ -287,6 +274,9 @@ def signature(match: Match) -> tuple:
                 key.append((name, "node", repr(val)))
         else:
             key.append((name, "literal", repr(value)))
+    for out in match.outputs:
+        val = out.meta.get("val")
+        key.append((val.shape, val.dtype) if isinstance(val, torch.Tensor) else None)
     return tuple(key)
 
 

@@ -23,7 +23,6 @@ from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
 from torchgraft.ir.replacement import (
     Template,
     describe_value,
-    output_key,
     output_mismatch,
     signature,
     trace_replacement,
@@ -32,6 +31,7 @@ from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.state import NEW_ATTRIBUTE, AttributeJournal, NewAttribute
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+_NO_VAL = object()
 
 
 class GraphEditor:
@@ -65,8 +65,11 @@ class GraphEditor:
         target: Any = None,
     ) -> fx.Node:
         """Insert a copy of template ``node`` right before ``before``, with inputs mapped by
-        ``env`` and the given meta (and ``target`` instead of the node's, when given)."""
-        self._journal_names()
+        ``env``, the given meta plus the node's ``meta["val"]`` (a leaf call without a fake
+        function has none), and ``target`` instead of the node's, when given."""
+        if self._name_counts is None:
+            self._journal_names()
+        val = node.meta.get("val", _NO_VAL)
         new = insert_node(
             self.graph,
             before,
@@ -75,7 +78,7 @@ class GraphEditor:
             map_arg(node.args, env.__getitem__),
             map_arg(node.kwargs, env.__getitem__),
             node.name,
-            meta,
+            meta if val is _NO_VAL else {**meta, "val": val},
         )
         self._inserted.append(new)
         return new
@@ -83,8 +86,7 @@ class GraphEditor:
     def _journal_names(self) -> None:
         """Remember the graph namespace's counters before the first insertion, so that a
         rollback frees the names it allocated (a later run then names nodes like a fresh one)."""
-        if self._name_counts is None:
-            self._name_counts = dict(self.graph._graph_namespace._base_count)
+        self._name_counts = dict(self.graph._graph_namespace._base_count)
 
     def _free_names(self) -> None:
         namespace = self.graph._graph_namespace
@@ -197,15 +199,11 @@ class MatchRecord:
 
 def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
     """Refuse a replacement whose outputs' shapes or dtypes differ from the matched ones:
-    the graph's users of those values would break only when the model runs. A template
-    remembers the matched shapes it was found to fit (``template.accepted``)."""
+    the graph's users of those values would break only when the model runs. Run when a
+    template is traced; a cached one was checked against the outputs its key names."""
     rule = match.rule
     for i, (old, out) in enumerate(zip(match.outputs, template.outputs)):
-        old_val = old.meta.get("val")
-        key = output_key(i, old_val)
-        if key in template.accepted:  # None never is
-            continue
-        new_val = out.meta.get("val")
+        old_val, new_val = old.meta.get("val"), out.meta.get("val")
         if output_mismatch(new_val, old_val):
             raise RewriteError(
                 f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): replacement "
@@ -216,8 +214,6 @@ def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
                 node=old.name,
                 source=user_source(old),
             )
-        if key is not None:
-            template.accepted.add(key)
 
 
 class RuleApplier:
@@ -265,10 +261,10 @@ class RuleApplier:
                 key = template = None
             if template is None:
                 template = trace_replacement(rule, match)
+                if rule.check_outputs:
+                    _check_outputs(match, template, handler_name)
                 if key is not None and not template.per_match:
                     cache[key] = template
-            if rule.check_outputs:
-                _check_outputs(match, template, handler_name)
             provenance = {
                 "handler": handler_name,
                 "rule": rule.name,
@@ -319,26 +315,23 @@ class RuleApplier:
     def _splice(
         self, match: Match, template: Template, provenance: dict
     ) -> tuple[list[fx.Node], list[str]]:
-        editor, anchor = self.editor, match.anchor
+        editor, anchor, bindings = self.editor, match.anchor, match.bindings
         env: dict[fx.Node, Any] = {
-            node: editor.resolve(match.bindings[name])
-            for name, node in template.placeholders.items()
+            node: editor.resolve(bindings[name]) for name, node in template.placeholders.items()
         }
-        inherited = {key: anchor.meta[key] for key in _COPIED_META if key in anchor.meta}
+        meta = anchor.meta
+        inherited = {key: meta[key] for key in _COPIED_META if key in meta}
         inherited[META_KEY] = provenance
         point = self._insertion_point(match, env)
         created, attributes = [], []
         for node in template.ops:
             target = None
-            if NEW_ATTRIBUTE in node.meta:
-                attribute = node.meta[NEW_ATTRIBUTE]
+            attribute = node.meta.get(NEW_ATTRIBUTE)
+            if attribute is not None:
                 module = match.module_fqn if attribute.module is None else attribute.module
                 target = editor.add_attribute(module, attribute)
                 attributes.append(target)
-            meta = dict(inherited)
-            if "val" in node.meta:  # a leaf call without a fake function has none
-                meta["val"] = node.meta["val"]
-            new = editor.insert_copy(node, env, meta, point, target)
+            new = editor.insert_copy(node, env, inherited, point, target)
             env[node] = new
             created.append(new)
         for old, out in zip(match.outputs, template.outputs):
