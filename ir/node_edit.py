@@ -50,12 +50,19 @@ def erase_nodes(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
     its turn comes (users before the nodes they use)."""
     hooks = getattr(graph.owning_module, "_erase_node_hooks", None) or ()
     table = graph._find_nodes_lookup_table
+    buckets: dict[tuple[str, int], dict[fx.Node, None]] = {}
+    """The find_nodes table's entry per (op, target): looked up by the target's id, as
+    hashing an OpOverload runs Python code."""
     for node in nodes:
         if node.users:
             raise RuntimeError(f"cannot erase node '{node.name}': it still has users {node.users}")
         for hook in hooks:
             hook(node)
-        table.remove(node)
+        ident = (node.op, id(node.target))
+        bucket = buckets.get(ident)
+        if bucket is None:
+            bucket = buckets[ident] = table.table[table._key(node)]
+        del bucket[node]
         node._remove_from_list()
         object.__setattr__(node, "_erased", True)  # as erase_node, minus the table probe
         graph._len -= 1

@@ -265,12 +265,13 @@ class RuleApplier:
                     _check_outputs(match, template, handler_name)
                 if key is not None and not template.per_match:
                     cache[key] = template
+            replaced = list(match.nodes.values())
             provenance = {
                 "handler": handler_name,
                 "rule": rule.name,
-                "replaced": [n.name for n in match.nodes.values()],
+                "replaced": [n.name for n in replaced],
             }
-            created, attributes = self._splice(match, template, provenance)
+            created, attributes = self._splice(match, template, provenance, replaced)
         except RewriteError:
             raise
         except Exception as exc:
@@ -290,9 +291,7 @@ class RuleApplier:
             module_fqn=module_fqn(match.anchor),
             replaced=provenance["replaced"],
             created=[n.name for n in created],
-            overwrote={
-                n.name: n.meta[META_KEY] for n in match.nodes.values() if META_KEY in n.meta
-            },
+            overwrote={n.name: n.meta[META_KEY] for n in replaced if META_KEY in n.meta},
             attributes=attributes,
         )
 
@@ -313,12 +312,14 @@ class RuleApplier:
         match.bindings.update(extra)
 
     def _splice(
-        self, match: Match, template: Template, provenance: dict
+        self, match: Match, template: Template, provenance: dict, replaced: list[fx.Node]
     ) -> tuple[list[fx.Node], list[str]]:
         editor, anchor, bindings = self.editor, match.anchor, match.bindings
-        env: dict[fx.Node, Any] = {
-            node: editor.resolve(bindings[name]) for name, node in template.placeholders.items()
-        }
+        forward = editor._forward
+        env: dict[fx.Node, Any] = {}
+        for name, node in template.placeholders.items():
+            value = bindings[name]  # a node: only those become placeholders
+            env[node] = editor.resolve(value) if value in forward else value
         meta = anchor.meta
         inherited = {key: meta[key] for key in _COPIED_META if key in meta}
         inherited[META_KEY] = provenance
@@ -336,7 +337,7 @@ class RuleApplier:
             created.append(new)
         for old, out in zip(match.outputs, template.outputs):
             editor.replace_uses(old, env[out])
-        editor.retire(match.nodes.values())
+        editor.retire(replaced)
         return created, attributes
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:
