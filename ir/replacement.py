@@ -266,7 +266,7 @@ def signature(match: Match) -> tuple:
     for name, value in match.bindings.items():
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
-            if isinstance(val, torch.Tensor):
+            if _is_tensor(val):
                 key.append(
                     (name, val.shape, val.stride(), val.dtype, val.device, val.requires_grad)
                 )
@@ -276,8 +276,13 @@ def signature(match: Match) -> tuple:
             key.append((name, "literal", repr(value)))
     for out in match.outputs:
         val = out.meta.get("val")
-        key.append((val.shape, val.dtype) if isinstance(val, torch.Tensor) else None)
+        key.append((val.shape, val.dtype) if _is_tensor(val) else None)
     return tuple(key)
+
+
+def _is_tensor(val: Any) -> bool:
+    # A graph's values are fake tensors: their type test skips Tensor's isinstance hook.
+    return type(val) is FakeTensor or isinstance(val, torch.Tensor)
 
 
 _FAKE_TENSOR_LOG = logging.getLogger(FakeTensorMode.__module__)
