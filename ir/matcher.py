@@ -94,11 +94,18 @@ class _Solver:
             if annotation is not inspect.Parameter.empty and annotation is not Any
         }
         """Parameters whose annotation restricts what they bind."""
-        self.contexts = {
-            p: [(p, i, ()) for i in range(len(args))] for p, args in self.pattern.args.items()
-        }
-        """Per pattern op, the context of each of its arguments (for failure messages)."""
+        self.plans = {p: self._plan(p, args) for p, args in self.pattern.args.items()}
+        """Per pattern op: its normalized arguments with their contexts (for failure
+        messages), and the arguments as written when it calls an OpOverload positionally
+        (see ``Pattern.positional``; ``-1`` arguments otherwise) with theirs."""
         self.failure: Failure | None = None
+
+    def _plan(self, p: fx.Node, args: tuple) -> tuple:
+        contexts = [(p, i, ()) for i in range(len(args))]
+        written = self.pattern.positional.get(p)
+        if written is None:
+            return args, contexts, -1, None, None
+        return args, contexts, len(written), written, contexts[: len(written)]
 
     def _fail(self, ctx: tuple | None, kind: str, reason: Callable[[], str]) -> None:
         """Record the first failure (when explaining) and return None to backtrack."""
@@ -232,25 +239,21 @@ class _Solver:
                     )
                 state[p] = g
                 used.add(g)
-                pargs = self.pattern.args[p]
-                written = self.pattern.positional.get(p)
+                pargs, contexts, count, written, written_contexts = self.plans[p]
                 gargs = g.args
-                if written is not None and len(gargs) == len(written) and not g.kwargs:
-                    pargs = written  # both tails are the schema's defaults
+                if len(gargs) == count and not g.kwargs:
+                    pargs, contexts = written, written_contexts  # both tails are the defaults
                 else:
                     gargs = call_args_like(g, len(pargs))
-                if len(pargs) != len(gargs):
-                    counts = (len(gargs), len(pargs))
-                    return self._fail(
-                        ctx,
-                        "argument_count",
-                        lambda g=g, c=counts: (
-                            f"'{g.name}' has {c[0]} arguments, the pattern {c[1]}"
-                        ),
-                    )
-                contexts = self.contexts[p]
-                if len(contexts) != len(pargs):  # the positional arguments as written
-                    contexts = contexts[: len(pargs)]
+                    if len(pargs) != len(gargs):
+                        counts = (len(gargs), len(pargs))
+                        return self._fail(
+                            ctx,
+                            "argument_count",
+                            lambda g=g, c=counts: (
+                                f"'{g.name}' has {c[0]} arguments, the pattern {c[1]}"
+                            ),
+                        )
                 if p in self.commutative and len(pargs) >= 2:
                     # Either operand order may match; drop an order whose operand is sure
                     # to fail (when explaining, try both: the first failure is reported).
