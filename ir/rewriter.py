@@ -18,7 +18,7 @@ from torch.fx.node import map_arg
 
 from torchgraft.ir.errors import RewriteError, RuleDefinitionError, TorchgraftError
 from torchgraft.ir.matcher import find_matches, is_assertion
-from torchgraft.ir.node_edit import erase_nodes, insert_node
+from torchgraft.ir.node_edit import Inserter, erase_nodes
 from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
 from torchgraft.ir.replacement import (
     Template,
@@ -44,6 +44,7 @@ class GraphEditor:
         self._rewired: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []
         self._forward: dict[fx.Node, fx.Node] = {}
         self._name_counts: dict[str, int] | None = None
+        self._inserter: Inserter | None = None
         self._attributes = AttributeJournal()
 
     def is_live(self, node: fx.Node) -> bool:
@@ -70,8 +71,9 @@ class GraphEditor:
         if self._name_counts is None:
             self._journal_names()
         val = node.meta.get("val", _NO_VAL)
-        new = insert_node(
-            self.graph,
+        if self._inserter is None:
+            self._inserter = Inserter(self.graph)
+        new = self._inserter.insert(
             before,
             node.op,
             node.target if target is None else target,
@@ -114,17 +116,19 @@ class GraphEditor:
 
     def retire(self, nodes: Iterable[fx.Node]) -> None:
         """Mark replaced ``nodes`` (and the metadata assertions on them) as gone."""
+        retired = self._retired
         for node in nodes:
-            self._retired.add(node)
+            retired.add(node)
             for user in node.users:
                 if is_assertion(user):
-                    self._retired.add(user)
+                    retired.add(user)
 
     def check(self) -> None:
         """``graph.lint()`` for what this transaction changed (nothing else was touched):
         every inserted node, and every node whose inputs were moved, is live and uses only
         live nodes defined before it (fx keeps a sort key per node: ``a < b`` is O(1))."""
-        edited = [*self._inserted, *(u for _, _, users in self._rewired for u in users)]
+        edited = dict.fromkeys(self._inserted)
+        edited.update((u, None) for _, _, users in self._rewired for u in users)
         for node in edited:
             if node in self._retired:
                 continue
@@ -178,6 +182,7 @@ class GraphEditor:
         self._rewired.clear()
         self._forward.clear()
         self._name_counts = None
+        self._inserter = None
 
 
 @dataclasses.dataclass
