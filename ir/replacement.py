@@ -166,6 +166,8 @@ class _Tracer(fx.Tracer):
         """A value like ``val`` (same shapes, strides, dtypes, devices, ``requires_grad``) that
         shares nothing with it, so an in-place op in the replacement cannot change the
         graph's own ``meta["val"]``."""
+        if _is_tensor(val):  # the common case, without a pytree walk
+            return self._fresh_tensor(val)
         return tree_map_only(torch.Tensor, self._fresh_tensor, val)
 
     def _fresh_tensor(self, val: torch.Tensor) -> torch.Tensor:
@@ -257,24 +259,23 @@ def output_mismatch(new: Any, old: Any) -> bool:
 
 
 def signature(match: Match) -> tuple:
-    """Key of the matched values: per binding its name and, for a tensor node, shape, strides,
-    dtype, device and ``requires_grad``; for another node its value's ``repr``; for a literal
-    its ``repr``; then per output of the match its tensor's shape and dtype (None for another
-    value), so that a template cached under the key was checked against those outputs
-    (:func:`output_mismatch`). Symbolic sizes make it unhashable: such a match is traced on
-    its own."""
-    key = []
-    for name, value in match.bindings.items():
+    """Key of the matched values: the bindings' names, then per binding, for a tensor node,
+    its shape, strides, dtype, device and ``requires_grad``; for another node its value's
+    ``repr``; for a literal its ``repr``; then per output of the match its tensor's shape and
+    dtype (None for another value), so that a template cached under the key was checked
+    against those outputs (:func:`output_mismatch`). Symbolic sizes make it unhashable: such
+    a match is traced on its own."""
+    bindings = match.bindings
+    key: list = [tuple(bindings)]
+    for value in bindings.values():
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
             if _is_tensor(val):
-                key.append(
-                    (name, val.shape, val.stride(), val.dtype, val.device, val.requires_grad)
-                )
+                key.append((val.shape, val.stride(), val.dtype, val.device, val.requires_grad))
             else:
-                key.append((name, "node", repr(val)))
+                key.append(("node", repr(val)))
         else:
-            key.append((name, "literal", repr(value)))
+            key.append(("literal", repr(value)))
     for out in match.outputs:
         val = out.meta.get("val")
         key.append((val.shape, val.dtype) if _is_tensor(val) else None)
