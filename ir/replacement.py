@@ -271,7 +271,7 @@ def signature(match: Match) -> tuple:
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
             if _is_tensor(val):
-                key.append((val.shape, val.stride(), val.dtype, val.device, val.requires_grad))
+                key.append((val.shape, val.stride(), val.dtype, _device(val), val.requires_grad))
             else:
                 key.append(("node", repr(val)))
         else:
@@ -285,6 +285,11 @@ def signature(match: Match) -> tuple:
 def _is_tensor(val: Any) -> bool:
     # A graph's values are fake tensors: their type test skips Tensor's isinstance hook.
     return type(val) is FakeTensor or isinstance(val, torch.Tensor)
+
+
+def _device(val: torch.Tensor) -> torch.device:
+    # FakeTensor.device is a Python property that returns ``fake_device`` outside kernels.
+    return val.fake_device if type(val) is FakeTensor else val.device
 
 
 _FAKE_TENSOR_LOG = logging.getLogger(FakeTensorMode.__module__)
