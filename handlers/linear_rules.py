@@ -264,9 +264,9 @@ class LinearHandler(Handler):
         ``output``, a classifier), whatever its name."""
         skip_router: bool = True
         """Leave a mixture-of-experts router in high precision: the linear whose output,
-        through reshapes, casts and softmax / sigmoid only, reaches the ``topk`` (or ``max``
-        along a dim, ``argmax``) that picks the experts (:func:`routes_experts`), whatever
-        its name."""
+        within a few reshapes, casts, softmax and pointwise ops, reaches the ``topk`` (or
+        ``max`` along a dim, ``argmax``) that picks the experts (:func:`routes_experts`),
+        whatever its name."""
 
     @rule
     def linear(x: torch.Tensor, w: torch.Tensor):  # linear(x, w) -> <fmt>_linear(x, w, None)
