@@ -224,6 +224,11 @@ MOE = {
     "phimoe": lambda: transformers.PhimoeForCausalLM(
         transformers.PhimoeConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
     ),
+    "jetmoe": lambda: transformers.JetMoeForCausalLM(  # mixture of attention heads, too
+        transformers.JetMoeConfig(
+            **_DECODER, num_local_experts=4, num_experts_per_tok=2, kv_channels=16
+        )
+    ),
 }
 """Mixture-of-experts LMs (2 layers, 4 experts, top-2), as transformers ships them: Mixtral
 and Qwen2-MoE choose experts with ``topk``, PhiMoE's sparse mixer with ``max`` along a dim
@@ -250,6 +255,11 @@ def qwen2_moe() -> Captured:
 @pytest.fixture(scope="module")
 def phimoe() -> Captured:
     return _capture_moe("phimoe")
+
+
+@pytest.fixture(scope="module")
+def jetmoe() -> Captured:
+    return _capture_moe("jetmoe")
 
 
 @pytest.mark.parametrize("handler", ["float8", "mx"])
@@ -466,6 +476,23 @@ def test_flex_attention_converts_the_attention(zoo, arch):
 def test_flex_attention_numerics(zoo, arch):
     """Outputs and gradients of the converted graph against SDPA (one flex compile each)."""
     assert tg.PassManager(["flex_attention"]).check(zoo.llm(arch).gm) == []
+
+
+def test_flex_attention_lays_its_output_out_as_sdpa_did(jetmoe):
+    """Regression: SDPA returns the query's memory layout (``[B, S, H, D]`` here) and JetMoE
+    ``view``s the transposed output, which only that layout allows; flex's contiguous
+    ``[B, H, S, D]`` output made the rewritten graph fail ("view size is not compatible
+    with input tensor's size and stride"). The op's output now takes the matched one's."""
+    sdpa = jetmoe.gm.graph.find_nodes(
+        op="call_function", target=aten.scaled_dot_product_attention.default
+    )
+    assert not sdpa[0].meta["val"].is_contiguous()  # the layout this is about
+    gm = jetmoe.copy()
+    report = tg.PassManager(["flex_attention"]).run(gm)
+    assert report.matches == {"flex_attention": 2}
+    out = _logits(gm(*jetmoe.inputs))
+    assert sqnr(out, jetmoe.reference) > 40
+    assert tg.PassManager(["flex_attention"]).check(jetmoe.gm) == []
 
 
 @pytest.mark.parametrize("arch", list(LLMS))
