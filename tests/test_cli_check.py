@@ -18,8 +18,8 @@ import torchgraft as tg
 from torchgraft.cli import main
 from torchgraft.passes.report import CheckResult, Report
 from torchgraft.passes.verify import HandlerSqnr
-from torchgraft.train.strict_json import dumps_strict
 from torchgraft.tools.plain_text import plain_text
+from torchgraft.train.strict_json import dumps_strict
 
 TESTS = Path(__file__).parent
 
