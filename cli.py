@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import os
 import sys
 import textwrap
@@ -51,6 +50,7 @@ from torchgraft.handlers.registry import entry_point_errors, registered
 from torchgraft.ir.errors import TorchgraftError
 from torchgraft.ir.pattern import target_name
 from torchgraft.tools.plain_text import plain_text
+from torchgraft.train.strict_json import dumps_strict
 
 if TYPE_CHECKING:
     import torch
@@ -304,7 +304,7 @@ def check(args: argparse.Namespace) -> int:
     if args.write_expect:
         write_expectation(result, args.write_expect)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(dumps_strict(result.to_json()))
     else:
         print(f"torchgraft check {args.config}\n{result}")
         print("OK" if result.ok else "FAILED")

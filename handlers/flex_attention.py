@@ -62,6 +62,10 @@ TOKENS = "tokens"
 WINDOW = "window"
 """Name under which the masked rules bind the sliding window (an int, or None) in a match."""
 
+LAYOUT = "layout"
+"""Name under which every rule binds the dims of the matched attention output in memory
+order, outermost first (None when it is contiguous): the op's output is laid out the same."""
+
 
 def _repeated(kv, size, shape):
     # transformers' repeat_kv: [B, Hkv, S, D] -> [B, Hkv * n_rep, S, D]
@@ -145,6 +149,7 @@ class FlexAttention(tg.Handler):
             inputs[WINDOW] = kind.window if isinstance(kind, MaskKind) else None
         if self.options.mask == "document":
             inputs[TOKENS] = self._token_input(match.anchor.graph)
+        inputs[LAYOUT] = memory_order(match.outputs[0].meta.get("val"))
         return inputs
 
     def _token_input(self, graph: fx.Graph) -> fx.Node:
@@ -306,9 +311,32 @@ class FlexAttention(tg.Handler):
         enable_gqa = enable_gqa or (k.shape[1] == 1 and q.shape[1] > 1)
         if self.options.mask == "document":
             doc_ids = document_ids(inputs[TOKENS], self.options.eod_token)
-        return torch.ops.torchgraft.flex_attention.default(
+        out = torch.ops.torchgraft.flex_attention.default(
             q, k, v, doc_ids, scale, enable_gqa, inputs.get(WINDOW), softcap
         )
+        return in_memory_order(out, inputs.get(LAYOUT))
+
+
+def memory_order(val: Any) -> tuple[int, ...] | None:
+    """The dims of tensor ``val`` by decreasing stride (its layout in memory, outermost
+    first); None when it is contiguous, or its strides are symbolic. SDPA returns the
+    query's layout (``[B, S, H, D]`` in memory for the usual ``view(...).transpose(1, 2)``
+    query), and the graph after it may rely on that: JetMoE ``view``s the transposed output,
+    which fails on a contiguous ``[B, H, S, D]`` tensor."""
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return None
+    strides = val.stride()
+    if not all(isinstance(s, int) for s in strides):
+        return None
+    return tuple(sorted(range(val.dim()), key=lambda d: (-strides[d], d)))
+
+
+def in_memory_order(out: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """``out`` copied into the layout ``order`` (see :func:`memory_order`), same values."""
+    if order is None:
+        return out
+    inverse = [order.index(d) for d in range(len(order))]
+    return out.permute(order).contiguous().permute(inverse)
 
 
 def _attention_failure(match: Match) -> str | None:

@@ -43,6 +43,7 @@ plan match the same nodes, which the pass manager's ``overlap`` check reports, u
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import operator
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from torch import fx, nn
 
 import torchgraft.ops  # noqa: F401  (registers the torchgraft::*_linear ops)
 from torchgraft.handlers.base import Handler, ModuleFilter
+from torchgraft.ir.choices import chooses_by_index
 from torchgraft.ir.provenance import module_glob
 from torchgraft.ir.rule import Match, rule
 
@@ -127,50 +129,100 @@ def produces_logits(node: fx.Node) -> bool:
 _SCORE_PATH = (_RESHAPES - {aten.tanh.default}) | {
     aten.softmax.int,
     aten._softmax.default,
-    aten.sigmoid.default,
 }
-"""Ops that keep a mixture-of-experts router's logits its scores: reshapes and casts, and
-softmax / sigmoid (the scores themselves)."""
+"""Ops that keep a mixture-of-experts router's logits its scores: reshapes and casts,
+softmax, and any pointwise op (sigmoid, masking, added noise: :func:`_keeps_scores`)."""
+
+ROUTER_REACH = 4
+"""How many such ops at most lie between a router and the choice of experts (Mixtral:
+view, softmax, cast; PhiMoE's sampling sparse mixer: masked_fill, sub): a bound keeps the
+search near the linear, as the residual stream is pointwise from layer to layer."""
 
 
 def routes_experts(node: fx.Node) -> bool:
-    """Whether ``node`` computes a mixture-of-experts router's logits: through reshapes,
-    casts and softmax / sigmoid only, it reaches the ``topk`` that picks each token's
-    experts (transformers' Mixtral, Qwen2-MoE ``mlp.gate``; TorchTitan's ``router.gate``),
-    whatever its FQN. Rounding there changes which experts a token goes to, not only by how
-    much, so low-precision recipes keep the router in high precision."""
-    return _reaches(node, _is_expert_choice, _keeps_scores)
+    """Whether ``node`` computes a mixture-of-experts router's logits: within
+    :data:`ROUTER_REACH` reshapes, casts, softmax and pointwise ops (sigmoid, masking, noisy
+    top-k gating's noise), it reaches a choice op whose indices pick each token's experts
+    (:func:`~torchgraft.ir.choices.chooses_by_index`: ``topk`` in transformers' Mixtral,
+    Qwen2-MoE ``mlp.gate`` and TorchTitan's ``router.gate``, ``max`` along a dim in PhiMoE's
+    sparse mixer, ``argmax`` in Switch Transformers), whatever its FQN. Rounding there
+    changes which experts a token goes to, not only by how much, so low-precision recipes
+    keep the router in high precision."""
+    return _reaches(node, chooses_by_index, _keeps_scores, ROUTER_REACH)
 
 
 def _reaches(
     node: fx.Node,
     is_sink: Callable[[fx.Node], bool],
     keeps: Callable[[fx.Node, fx.Node], bool],
+    within: int | None = None,
 ) -> bool:
     """Whether a user of ``node`` for which ``is_sink`` holds is reached through users that
-    ``keeps`` (the user, the value it reads) the same quantity."""
-    work, seen = [node], {node}
+    ``keeps`` (the user, the value it reads) the same quantity, ``within`` such users at
+    most (None: any number). A region exported as a higher-order op (a ``torch.no_grad()``
+    or autocast block) is followed into: its body reads the value as a placeholder."""
+    work, seen = collections.deque([(node, 0)]), {node}
     while work:
-        value = work.pop()
-        for user in value.users:
+        value, steps = work.popleft()
+        for user, read in _users_into_bodies(value, node.graph):
             if is_sink(user):
                 return True
-            if user not in seen and keeps(user, value):
+            if user in seen or (within is not None and steps >= within):
+                continue
+            if keeps(user, read):
                 seen.add(user)
-                work.append(user)
+                work.append((user, steps + 1))
     return False
+
+
+def _users_into_bodies(value: fx.Node, top: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """``(user, the value it reads)`` for the users of ``value``; a higher-order op's call is
+    replaced by the users of the body placeholders it passes ``value`` to (a body's output
+    is not followed out: it is not ``top``'s)."""
+    found = []
+    for user in value.users:
+        placeholders = _body_placeholders(user, value)
+        if placeholders:
+            found += [pair for p in placeholders for pair in _users_into_bodies(p, top)]
+        elif not (user.op == "output" and user.graph is not top):
+            found.append((user, value))
+    return found
+
+
+def _body_placeholders(call: fx.Node, value: fx.Node) -> list[fx.Node]:
+    """The placeholders of the graph body that higher-order op ``call`` passes ``value`` to:
+    export writes ``wrap_with_set_grad_enabled(enabled, body, *operands)`` and
+    ``wrap_with_autocast(..., body, *operands)``, the operands after the body's
+    ``get_attr``."""
+    root = call.graph.owning_module
+    if call.op != "call_function" or root is None:
+        return []
+    for i, arg in enumerate(call.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            body = _attribute(root, arg.target)
+            if isinstance(body, fx.GraphModule):
+                inputs = body.graph.find_nodes(op="placeholder")
+                return [p for p, a in zip(inputs, call.args[i + 1 :]) if a is value]
+    return []
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    try:
+        return operator.attrgetter(target)(root)
+    except AttributeError:
+        return None
 
 
 def _is_prediction_sink(node: fx.Node) -> bool:
     return node.op == "output" or (node.op == "call_function" and node.target in _LOSSES)
 
 
-def _is_expert_choice(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is aten.topk.default
-
-
 def _keeps_scores(node: fx.Node, value: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _SCORE_PATH and node.args[0] is value
+    if node.op != "call_function":
+        return False
+    if node.target in _SCORE_PATH:
+        return node.args[0] is value
+    return torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
 def parameter_weight(match: Match) -> bool:
@@ -181,10 +233,7 @@ def parameter_weight(match: Match) -> bool:
     root = w.graph.owning_module
     if w.op != "get_attr" or root is None:
         return False
-    try:
-        value = operator.attrgetter(w.target)(root)
-    except AttributeError:
-        return False
+    value = _attribute(root, w.target)
     x = match["x"]
     return isinstance(value, nn.Parameter) and getattr(x, "ndim", 0) >= 2
 
@@ -215,8 +264,9 @@ class LinearHandler(Handler):
         ``output``, a classifier), whatever its name."""
         skip_router: bool = True
         """Leave a mixture-of-experts router in high precision: the linear whose output,
-        through reshapes, casts and softmax / sigmoid only, reaches the ``topk`` that picks
-        the experts (:func:`routes_experts`), whatever its name."""
+        within a few reshapes, casts, softmax and pointwise ops, reaches the ``topk`` (or
+        ``max`` along a dim, ``argmax``) that picks the experts (:func:`routes_experts`),
+        whatever its name."""
 
     @rule
     def linear(x: torch.Tensor, w: torch.Tensor):  # linear(x, w) -> <fmt>_linear(x, w, None)
@@ -319,8 +369,9 @@ class LinearHandler(Handler):
             )
         if self.options.skip_router and routes_experts(match.anchor):
             return (
-                f"{_described(match)} routes tokens to experts (its scores reach a topk: the "
-                "router stays in high precision; set skip_router: false to convert it)"
+                f"{_described(match)} routes tokens to experts (its scores reach a choice op, "
+                "topk / max / argmax: the router stays in high precision; set skip_router: "
+                "false to convert it)"
             )
         w = match["w"]
         if w.ndim != 2:

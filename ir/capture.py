@@ -41,7 +41,8 @@ def capture(
     otherwise bake the alias into the graph and ignore the second argument forever after.
 
     Models as they ship (``transformers``): when ``model.forward`` takes a ``use_cache``
-    argument that the call does not set, it is called with ``use_cache=False`` (a KV cache
+    argument (by name, or through ``**kwargs`` when ``model.config`` has ``use_cache``)
+    that the call does not set, it is called with ``use_cache=False`` (a KV cache
     is an inference object: ``DynamicCache`` outputs cannot be captured) and the graph
     module is called without it, ``gm(input_ids)``. The graph returns what the model
     returns: a ``ModelOutput`` (``gm(ids).logits``), a dict, a tuple or a tensor.
@@ -89,7 +90,9 @@ def _unaliased(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, An
 
 FIXED_KWARGS = {"use_cache": False}
 """Keyword arguments set at capture when ``forward`` takes them and the call does not:
-``use_cache=False`` makes ``transformers`` models return no KV cache."""
+``use_cache=False`` makes ``transformers`` models return no KV cache. ``forward`` takes one
+when it names it, or passes ``**kwargs`` on and the model's ``config`` has that setting
+(transformers' GraniteMoE reads ``use_cache`` from its ``**kwargs``)."""
 
 
 def _fixed_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +100,13 @@ def _fixed_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {k: v for k, v in FIXED_KWARGS.items() if k in params and k not in kwargs}
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    config = getattr(model, "config", None)
+
+    def takes(name: str) -> bool:
+        return name in params or (passes_on and getattr(config, name, None) is not None)
+
+    return {k: v for k, v in FIXED_KWARGS.items() if k not in kwargs and takes(k)}
 
 
 def _export(

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from torchgraft.ir.arguments import argument_name, call_args_like
-from torchgraft.ir.pattern import accepts, same_value, target_name
+from torchgraft.ir.pattern import OPS, accepts, same_value, target_name
 from torchgraft.ir.provenance import describe
 from torchgraft.ir.rule import Match, Rule
 
@@ -72,7 +72,11 @@ class _Solver:
     """Unifies a pattern against a graph from one anchor, with backtracking."""
 
     def __init__(
-        self, rule: Rule, is_live: IsLive, accept: Callable[[dict], Failure | None], record: bool
+        self,
+        rule: Rule,
+        is_live: IsLive,
+        accept: Callable[[dict, set], Failure | None],
+        record: bool,
     ) -> None:
         self.rule = rule
         self.pattern = rule.pattern
@@ -90,7 +94,18 @@ class _Solver:
             if annotation is not inspect.Parameter.empty and annotation is not Any
         }
         """Parameters whose annotation restricts what they bind."""
+        self.plans = {p: self._plan(p, args) for p, args in self.pattern.args.items()}
+        """Per pattern op: its normalized arguments with their contexts (for failure
+        messages), and the arguments as written when it calls an OpOverload positionally
+        (see ``Pattern.positional``; ``-1`` arguments otherwise) with theirs."""
         self.failure: Failure | None = None
+
+    def _plan(self, p: fx.Node, args: tuple) -> tuple:
+        contexts = [(p, i, ()) for i in range(len(args))]
+        written = self.pattern.positional.get(p)
+        if written is None:
+            return args, contexts, -1, None, None
+        return args, contexts, len(written), written, contexts[: len(written)]
 
     def _fail(self, ctx: tuple | None, kind: str, reason: Callable[[], str]) -> None:
         """Record the first failure (when explaining) and return None to backtrack."""
@@ -131,7 +146,7 @@ class _Solver:
             else None
         )
         if pending is None:
-            failure = self.accept(state)
+            failure = self.accept(state, used)
             return state if failure is None else self._reject(failure)
         p, src = pending
         for cand in state[src].users:
@@ -151,25 +166,8 @@ class _Solver:
         while work:
             p, g, ctx = work.pop()
             if isinstance(p, fx.Node):
-                if p.op == "get_attr":
-                    if not (isinstance(g, fx.Node) and g.op == "get_attr"):
-                        return self._fail(
-                            ctx,
-                            "wrong_op",
-                            lambda p=p, g=g: (
-                                f"pattern attribute '{p.target}' matches a get_attr, found {_show(g)}"
-                            ),
-                        )
-                    if state.setdefault(p, g) is not g:
-                        return self._fail(
-                            ctx,
-                            "parameter_bound_twice",
-                            lambda p=p, g=g, s=state: (
-                                f"pattern attribute '{p.target}' is bound to {_show(s[p])} but here is {_show(g)}"
-                            ),
-                        )
-                    continue
-                if p.op == "placeholder":
+                op = p.op
+                if op == "placeholder":
                     if p in state:
                         if not same_value(state[p], g):
                             return self._fail(
@@ -193,13 +191,31 @@ class _Solver:
                     else:
                         state[p] = g
                     continue
+                if op == "get_attr":
+                    if not (isinstance(g, fx.Node) and g.op == "get_attr"):
+                        return self._fail(
+                            ctx,
+                            "wrong_op",
+                            lambda p=p, g=g: (
+                                f"pattern attribute '{p.target}' matches a get_attr, found {_show(g)}"
+                            ),
+                        )
+                    if state.setdefault(p, g) is not g:
+                        return self._fail(
+                            ctx,
+                            "parameter_bound_twice",
+                            lambda p=p, g=g, s=state: (
+                                f"pattern attribute '{p.target}' is bound to {_show(s[p])} but here is {_show(g)}"
+                            ),
+                        )
+                    continue
                 if not isinstance(g, fx.Node):
                     return self._fail(
                         ctx,
                         "wrong_op",
                         lambda p=p, g=g: f"expected {target_name(p)}, found literal {g!r}",
                     )
-                if g.op != p.op or (g.target != p.target and not self.pattern.calls_same(p, g)):
+                if g.op != op or (g.target != p.target and not self.pattern.calls_same(p, g)):
                     return self._fail(
                         ctx,
                         "wrong_op",
@@ -223,31 +239,41 @@ class _Solver:
                     )
                 state[p] = g
                 used.add(g)
-                pargs = self.pattern.args[p]
-                written = self.pattern.positional.get(p)
+                pargs, contexts, count, written, written_contexts = self.plans[p]
                 gargs = g.args
-                if written is not None and len(gargs) == len(written) and not g.kwargs:
-                    pargs = written  # both tails are the schema's defaults
+                if len(gargs) == count and not g.kwargs:
+                    pargs, contexts = written, written_contexts  # both tails are the defaults
                 else:
                     gargs = call_args_like(g, len(pargs))
-                if len(pargs) != len(gargs):
-                    counts = (len(gargs), len(pargs))
-                    return self._fail(
-                        ctx,
-                        "argument_count",
-                        lambda g=g, c=counts: (
-                            f"'{g.name}' has {c[0]} arguments, the pattern {c[1]}"
-                        ),
-                    )
-                pairs = [(pa, ga, (p, i, ())) for i, (pa, ga) in enumerate(zip(pargs, gargs))]
-                if p in self.commutative and len(pairs) >= 2:
-                    swapped = [(pargs[0], gargs[1], (p, 0, ())), (pargs[1], gargs[0], (p, 1, ()))]
-                    for alternative in (pairs, swapped + pairs[2:]):
-                        solved = self._unify(work + alternative[::-1], dict(state), set(used))
-                        if solved is not None:
-                            return solved
-                    return None
-                work.extend(reversed(pairs))
+                    if len(pargs) != len(gargs):
+                        counts = (len(gargs), len(pargs))
+                        return self._fail(
+                            ctx,
+                            "argument_count",
+                            lambda g=g, c=counts: (
+                                f"'{g.name}' has {c[0]} arguments, the pattern {c[1]}"
+                            ),
+                        )
+                if p in self.commutative and len(pargs) >= 2:
+                    # Either operand order may match; drop an order whose operand is sure
+                    # to fail (when explaining, try both: the first failure is reported).
+                    x, y = pargs[0], pargs[1]
+                    a, b = gargs[0], gargs[1]
+                    straight = self.record or (_may_unify(x, a) and _may_unify(y, b))
+                    crossed = self.record or (_may_unify(x, b) and _may_unify(y, a))
+                    if straight and crossed:
+                        pairs = list(zip(pargs, gargs, contexts))
+                        swapped = [(x, b, contexts[0]), (y, a, contexts[1])]
+                        for alternative in (pairs, swapped + pairs[2:]):
+                            solved = self._unify(work + alternative[::-1], dict(state), set(used))
+                            if solved is not None:
+                                return solved
+                        return None
+                    if not (straight or crossed):
+                        return None
+                    if crossed:
+                        gargs = (b, a, *gargs[2:])
+                work.extend(zip(reversed(pargs), reversed(gargs), reversed(contexts)))
             elif isinstance(p, (list, tuple)):
                 if not isinstance(g, (list, tuple)) or len(g) != len(p):
                     return self._fail(
@@ -269,6 +295,17 @@ class _Solver:
                     lambda p=p, g=g: f"expected literal {p!r}, found {_show(g)}",
                 )
         return self._complete(state, used)
+
+
+def _may_unify(p: Any, g: Any) -> bool:
+    """False when unifying pattern value ``p`` with graph value ``g`` is sure to fail at
+    once: the pattern's op against a literal or a node of another op (``_unify``'s first
+    checks of an op)."""
+    if not isinstance(p, fx.Node) or p.op not in OPS:
+        return True
+    return (
+        isinstance(g, fx.Node) and g.op == p.op and (g.target == p.target or p.op == "call_module")
+    )
 
 
 _PLAIN_LITERALS = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device})
@@ -308,10 +345,12 @@ def is_assertion(node: fx.Node) -> bool:
     return id(node.target) in _ASSERTION_IDS and node.op == "call_function"
 
 
-def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) -> Failure | None:
-    """Why replacing this structural match would be wrong, or None."""
+def _validity_failure(
+    rule: Rule, state: dict[fx.Node, Any], ops: set[fx.Node], is_live: IsLive
+) -> Failure | None:
+    """Why replacing this structural match (``ops``: the graph nodes its ops matched) would
+    be wrong, or None."""
     pattern = rule.pattern
-    ops = {state[p] for p in pattern.ops}
     for name, pnode in pattern.placeholders.items():
         bound = state[pnode]
         if isinstance(bound, fx.Node) and bound in ops:
@@ -319,14 +358,15 @@ def _validity_failure(rule: Rule, state: dict[fx.Node, Any], is_live: IsLive) ->
                 "parameter_binds_pattern_op",
                 f"parameter '{name}' binds '{bound.name}', which the pattern's ops also match",
             )
-    for node in {state[p] for p in pattern.internal}:
-        outside = [u for u in node.users if u not in ops and is_live(u) and not is_assertion(u)]
-        if outside:
-            return Failure(
-                "internal_node_used_outside",
-                f"internal node '{node.name}' is also used by '{outside[0].name}' outside the "
-                "match; replacing it would change that user",
-            )
+    for p in pattern.internal:
+        node = state[p]
+        for user in node.users:
+            if user not in ops and is_live(user) and not is_assertion(user):
+                return Failure(
+                    "internal_node_used_outside",
+                    f"internal node '{node.name}' is also used by '{user.name}' outside the "
+                    "match; replacing it would change that user",
+                )
     return None
 
 
@@ -335,7 +375,7 @@ def _build_match(rule: Rule, state: dict[fx.Node, Any], handler: Any) -> Match:
     return Match(
         rule,
         state[pattern.anchor],
-        {p.name: state[p] for p in pattern.ops},
+        {name: state[p] for name, p in pattern.op_names},
         {name: state[p] for name, p in pattern.placeholders.items()},
         [state[p] for p in pattern.outputs],
         handler,
@@ -370,8 +410,8 @@ class _Acceptance:
         self.rule, self.handler, self.is_live = rule, handler, is_live
         self.match: Match | None = None
 
-    def __call__(self, state: dict) -> Failure | None:
-        failure = _validity_failure(self.rule, state, self.is_live)
+    def __call__(self, state: dict, ops: set) -> Failure | None:
+        failure = _validity_failure(self.rule, state, ops, self.is_live)
         if failure is None:
             self.match = _build_match(self.rule, state, self.handler)
             failure = _filter_failure(self.match)

@@ -32,17 +32,49 @@ def insert_node(
 ) -> fx.Node:
     """A new node ``op(target)(*args, **kwargs)`` right before ``before``, named ``name``
     (made unique as ``create_node`` does), with ``meta``."""
-    namespace = graph._graph_namespace
-    name = namespace.create_name(name, None)
-    node = fx.Node(graph, name, op, target, args, kwargs)
-    node.meta.update(meta)
-    for hook in getattr(graph.owning_module, "_create_node_hooks", None) or ():
-        hook(node)
-    namespace.associate_name_with_obj(name, node)
-    before.prepend(node)
-    graph._find_nodes_lookup_table.insert(node)
-    graph._len += 1
-    return node
+    return Inserter(graph).insert(before, op, target, args, kwargs, name, meta)
+
+
+class Inserter:
+    """:func:`insert_node` for many nodes of one graph: the graph's namespace, hooks and
+    ``find_nodes`` table entries are looked up once, not per node."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self._namespace = graph._graph_namespace
+        self._hooks = getattr(graph.owning_module, "_create_node_hooks", None)
+        self._table = graph._find_nodes_lookup_table
+        self._buckets: dict[tuple[str, int], dict[fx.Node, None]] = {}
+        """The table's entry per (op, target), found by the target's id: hashing an
+        OpOverload runs Python code."""
+
+    def insert(
+        self,
+        before: fx.Node,
+        op: str,
+        target: Any,
+        args: tuple,
+        kwargs: dict[str, Any],
+        name: str,
+        meta: dict[str, Any],
+    ) -> fx.Node:
+        """See :func:`insert_node`."""
+        graph, namespace = self.graph, self._namespace
+        name = namespace.create_name(name, None)
+        node = fx.Node(graph, name, op, target, args, kwargs)
+        node.meta.update(meta)
+        if self._hooks:
+            for hook in self._hooks:
+                hook(node)
+        namespace.associate_name_with_obj(name, node)
+        before.prepend(node)
+        ident = (op, id(target))
+        bucket = self._buckets.get(ident)
+        if bucket is None:
+            bucket = self._buckets[ident] = self._table.table[self._table._key(node)]
+        bucket[node] = None
+        graph._len += 1
+        return node
 
 
 def erase_nodes(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
@@ -50,12 +82,19 @@ def erase_nodes(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
     its turn comes (users before the nodes they use)."""
     hooks = getattr(graph.owning_module, "_erase_node_hooks", None) or ()
     table = graph._find_nodes_lookup_table
+    buckets: dict[tuple[str, int], dict[fx.Node, None]] = {}
+    """The find_nodes table's entry per (op, target): looked up by the target's id, as
+    hashing an OpOverload runs Python code."""
     for node in nodes:
         if node.users:
             raise RuntimeError(f"cannot erase node '{node.name}': it still has users {node.users}")
         for hook in hooks:
             hook(node)
-        table.remove(node)
+        ident = (node.op, id(node.target))
+        bucket = buckets.get(ident)
+        if bucket is None:
+            bucket = buckets[ident] = table.table[table._key(node)]
+        del bucket[node]
         node._remove_from_list()
         object.__setattr__(node, "_erased", True)  # as erase_node, minus the table probe
         graph._len -= 1

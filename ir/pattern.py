@@ -124,6 +124,8 @@ class Pattern:
         self.params = list(self.placeholders)
         self.internal = [node for node in self.ops if node not in self.outputs]
         """The ops whose values only the pattern itself uses (not outputs)."""
+        self.op_names = [(node.name, node) for node in self.ops]
+        """``(name, node)`` of each op, in pattern order (what a match's ``nodes`` maps)."""
         self.args = {node: call_args(node) for node in self.ops}
         """Each pattern op's normalized arguments (see :func:`call_args`)."""
         self.positional = {

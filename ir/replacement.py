@@ -3,8 +3,9 @@
 Tensor parameters become proxies whose ``.shape``, ``.dtype``, ``.size()`` ... are the
 matched node's fake tensor, so a replacement may branch on shapes. Every traced op is run
 on fake tensors as it is recorded, which gives the new nodes their ``meta["val"]``.
-Templates are cached per input signature (shapes, dtypes, literal values): fake
-propagation through a custom op costs ~0.7 ms, and a model repeats the same signatures.
+Templates are cached per signature (the inputs' shapes, dtypes, literal values and the
+matched outputs' shapes and dtypes, which a template is checked against when traced):
+fake propagation through a custom op costs ~0.7 ms, and a model repeats the same signatures.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class _Tracer(fx.Tracer):
         """A value like ``val`` (same shapes, strides, dtypes, devices, ``requires_grad``) that
         shares nothing with it, so an in-place op in the replacement cannot change the
         graph's own ``meta["val"]``."""
+        if _is_tensor(val):  # the common case, without a pytree walk
+            return self._fresh_tensor(val)
         return tree_map_only(torch.Tensor, self._fresh_tensor, val)
 
     def _fresh_tensor(self, val: torch.Tensor) -> torch.Tensor:
@@ -227,9 +230,6 @@ class Template:
     outputs: list[Any]
     per_match: bool = False
     """True when the replacement creates state or reads values: trace it for every match."""
-    accepted: set[tuple] = dataclasses.field(default_factory=set)
-    """``(output index, shape, dtype)`` of matched values this template's outputs were
-    checked against and may replace (see :func:`output_key`)."""
 
 
 def _same_size(a: Any, b: Any) -> bool:
@@ -247,19 +247,6 @@ def describe_value(val: Any) -> str:
     return repr(val)
 
 
-def output_key(index: int, val: Any) -> tuple | None:
-    """Hashable ``(index, shape, dtype)`` of a matched output value with static sizes, under
-    which a template remembers that it passed :func:`output_mismatch`; None otherwise."""
-    if not isinstance(val, torch.Tensor):
-        return None
-    key = (index, val.shape, val.dtype)
-    try:
-        hash(key)
-    except TypeError:  # symbolic sizes: check every time
-        return None
-    return key
-
-
 def output_mismatch(new: Any, old: Any) -> bool:
     """Whether a replacement output ``new`` cannot stand in for the matched value ``old``
     (both ``meta["val"]``): another rank, dtype or a dimension known to differ. Values that
@@ -272,22 +259,37 @@ def output_mismatch(new: Any, old: Any) -> bool:
 
 
 def signature(match: Match) -> tuple:
-    """Key of the matched values: per binding its name and, for a tensor node, shape, strides,
-    dtype, device and ``requires_grad``; for another node its value's ``repr``; for a literal
-    its ``repr``. Symbolic sizes make it unhashable: such a match is traced on its own."""
-    key = []
-    for name, value in match.bindings.items():
+    """Key of the matched values: the bindings' names, then per binding, for a tensor node,
+    its shape, strides, dtype, device and ``requires_grad``; for another node its value's
+    ``repr``; for a literal its ``repr``; then per output of the match its tensor's shape and
+    dtype (None for another value), so that a template cached under the key was checked
+    against those outputs (:func:`output_mismatch`). Symbolic sizes make it unhashable: such
+    a match is traced on its own."""
+    bindings = match.bindings
+    key: list = [tuple(bindings)]
+    for value in bindings.values():
         if isinstance(value, fx.Node):
             val = value.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                key.append(
-                    (name, val.shape, val.stride(), val.dtype, val.device, val.requires_grad)
-                )
+            if _is_tensor(val):
+                key.append((val.shape, val.stride(), val.dtype, _device(val), val.requires_grad))
             else:
-                key.append((name, "node", repr(val)))
+                key.append(("node", repr(val)))
         else:
-            key.append((name, "literal", repr(value)))
+            key.append(("literal", repr(value)))
+    for out in match.outputs:
+        val = out.meta.get("val")
+        key.append((val.shape, val.dtype) if _is_tensor(val) else None)
     return tuple(key)
+
+
+def _is_tensor(val: Any) -> bool:
+    # A graph's values are fake tensors: their type test skips Tensor's isinstance hook.
+    return type(val) is FakeTensor or isinstance(val, torch.Tensor)
+
+
+def _device(val: torch.Tensor) -> torch.device:
+    # FakeTensor.device is a Python property that returns ``fake_device`` outside kernels.
+    return val.fake_device if type(val) is FakeTensor else val.device
 
 
 _FAKE_TENSOR_LOG = logging.getLogger(FakeTensorMode.__module__)

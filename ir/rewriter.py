@@ -18,12 +18,11 @@ from torch.fx.node import map_arg
 
 from torchgraft.ir.errors import RewriteError, RuleDefinitionError, TorchgraftError
 from torchgraft.ir.matcher import find_matches, is_assertion
-from torchgraft.ir.node_edit import erase_nodes, insert_node
+from torchgraft.ir.node_edit import Inserter, erase_nodes
 from torchgraft.ir.provenance import META_KEY, describe, module_fqn, user_source
 from torchgraft.ir.replacement import (
     Template,
     describe_value,
-    output_key,
     output_mismatch,
     signature,
     trace_replacement,
@@ -32,6 +31,7 @@ from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.state import NEW_ATTRIBUTE, AttributeJournal, NewAttribute
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+_NO_VAL = object()
 
 
 class GraphEditor:
@@ -44,6 +44,7 @@ class GraphEditor:
         self._rewired: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []
         self._forward: dict[fx.Node, fx.Node] = {}
         self._name_counts: dict[str, int] | None = None
+        self._inserter: Inserter | None = None
         self._attributes = AttributeJournal()
 
     def is_live(self, node: fx.Node) -> bool:
@@ -65,17 +66,21 @@ class GraphEditor:
         target: Any = None,
     ) -> fx.Node:
         """Insert a copy of template ``node`` right before ``before``, with inputs mapped by
-        ``env`` and the given meta (and ``target`` instead of the node's, when given)."""
-        self._journal_names()
-        new = insert_node(
-            self.graph,
+        ``env``, the given meta plus the node's ``meta["val"]`` (a leaf call without a fake
+        function has none), and ``target`` instead of the node's, when given."""
+        if self._name_counts is None:
+            self._journal_names()
+        val = node.meta.get("val", _NO_VAL)
+        if self._inserter is None:
+            self._inserter = Inserter(self.graph)
+        new = self._inserter.insert(
             before,
             node.op,
             node.target if target is None else target,
             map_arg(node.args, env.__getitem__),
             map_arg(node.kwargs, env.__getitem__),
             node.name,
-            meta,
+            meta if val is _NO_VAL else {**meta, "val": val},
         )
         self._inserted.append(new)
         return new
@@ -83,8 +88,7 @@ class GraphEditor:
     def _journal_names(self) -> None:
         """Remember the graph namespace's counters before the first insertion, so that a
         rollback frees the names it allocated (a later run then names nodes like a fresh one)."""
-        if self._name_counts is None:
-            self._name_counts = dict(self.graph._graph_namespace._base_count)
+        self._name_counts = dict(self.graph._graph_namespace._base_count)
 
     def _free_names(self) -> None:
         namespace = self.graph._graph_namespace
@@ -112,17 +116,19 @@ class GraphEditor:
 
     def retire(self, nodes: Iterable[fx.Node]) -> None:
         """Mark replaced ``nodes`` (and the metadata assertions on them) as gone."""
+        retired = self._retired
         for node in nodes:
-            self._retired.add(node)
+            retired.add(node)
             for user in node.users:
                 if is_assertion(user):
-                    self._retired.add(user)
+                    retired.add(user)
 
     def check(self) -> None:
         """``graph.lint()`` for what this transaction changed (nothing else was touched):
         every inserted node, and every node whose inputs were moved, is live and uses only
         live nodes defined before it (fx keeps a sort key per node: ``a < b`` is O(1))."""
-        edited = [*self._inserted, *(u for _, _, users in self._rewired for u in users)]
+        edited = dict.fromkeys(self._inserted)
+        edited.update((u, None) for _, _, users in self._rewired for u in users)
         for node in edited:
             if node in self._retired:
                 continue
@@ -176,6 +182,7 @@ class GraphEditor:
         self._rewired.clear()
         self._forward.clear()
         self._name_counts = None
+        self._inserter = None
 
 
 @dataclasses.dataclass
@@ -197,15 +204,11 @@ class MatchRecord:
 
 def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
     """Refuse a replacement whose outputs' shapes or dtypes differ from the matched ones:
-    the graph's users of those values would break only when the model runs. A template
-    remembers the matched shapes it was found to fit (``template.accepted``)."""
+    the graph's users of those values would break only when the model runs. Run when a
+    template is traced; a cached one was checked against the outputs its key names."""
     rule = match.rule
     for i, (old, out) in enumerate(zip(match.outputs, template.outputs)):
-        old_val = old.meta.get("val")
-        key = output_key(i, old_val)
-        if key in template.accepted:  # None never is
-            continue
-        new_val = out.meta.get("val")
+        old_val, new_val = old.meta.get("val"), out.meta.get("val")
         if output_mismatch(new_val, old_val):
             raise RewriteError(
                 f"handler '{handler_name}' rule '{rule.name}' ({rule.location}): replacement "
@@ -216,8 +219,6 @@ def _check_outputs(match: Match, template: Template, handler_name: str) -> None:
                 node=old.name,
                 source=user_source(old),
             )
-        if key is not None:
-            template.accepted.add(key)
 
 
 class RuleApplier:
@@ -265,16 +266,17 @@ class RuleApplier:
                 key = template = None
             if template is None:
                 template = trace_replacement(rule, match)
+                if rule.check_outputs:
+                    _check_outputs(match, template, handler_name)
                 if key is not None and not template.per_match:
                     cache[key] = template
-            if rule.check_outputs:
-                _check_outputs(match, template, handler_name)
+            replaced = list(match.nodes.values())
             provenance = {
                 "handler": handler_name,
                 "rule": rule.name,
-                "replaced": [n.name for n in match.nodes.values()],
+                "replaced": [n.name for n in replaced],
             }
-            created, attributes = self._splice(match, template, provenance)
+            created, attributes = self._splice(match, template, provenance, replaced)
         except RewriteError:
             raise
         except Exception as exc:
@@ -294,9 +296,7 @@ class RuleApplier:
             module_fqn=module_fqn(match.anchor),
             replaced=provenance["replaced"],
             created=[n.name for n in created],
-            overwrote={
-                n.name: n.meta[META_KEY] for n in match.nodes.values() if META_KEY in n.meta
-            },
+            overwrote={n.name: n.meta[META_KEY] for n in replaced if META_KEY in n.meta},
             attributes=attributes,
         )
 
@@ -317,33 +317,32 @@ class RuleApplier:
         match.bindings.update(extra)
 
     def _splice(
-        self, match: Match, template: Template, provenance: dict
+        self, match: Match, template: Template, provenance: dict, replaced: list[fx.Node]
     ) -> tuple[list[fx.Node], list[str]]:
-        editor, anchor = self.editor, match.anchor
-        env: dict[fx.Node, Any] = {
-            node: editor.resolve(match.bindings[name])
-            for name, node in template.placeholders.items()
-        }
-        inherited = {key: anchor.meta[key] for key in _COPIED_META if key in anchor.meta}
+        editor, anchor, bindings = self.editor, match.anchor, match.bindings
+        forward = editor._forward
+        env: dict[fx.Node, Any] = {}
+        for name, node in template.placeholders.items():
+            value = bindings[name]  # a node: only those become placeholders
+            env[node] = editor.resolve(value) if value in forward else value
+        meta = anchor.meta
+        inherited = {key: meta[key] for key in _COPIED_META if key in meta}
         inherited[META_KEY] = provenance
         point = self._insertion_point(match, env)
         created, attributes = [], []
         for node in template.ops:
             target = None
-            if NEW_ATTRIBUTE in node.meta:
-                attribute = node.meta[NEW_ATTRIBUTE]
+            attribute = node.meta.get(NEW_ATTRIBUTE)
+            if attribute is not None:
                 module = match.module_fqn if attribute.module is None else attribute.module
                 target = editor.add_attribute(module, attribute)
                 attributes.append(target)
-            meta = dict(inherited)
-            if "val" in node.meta:  # a leaf call without a fake function has none
-                meta["val"] = node.meta["val"]
-            new = editor.insert_copy(node, env, meta, point, target)
+            new = editor.insert_copy(node, env, inherited, point, target)
             env[node] = new
             created.append(new)
         for old, out in zip(match.outputs, template.outputs):
             editor.replace_uses(old, env[out])
-        editor.retire(match.nodes.values())
+        editor.retire(replaced)
         return created, attributes
 
     def _insertion_point(self, match: Match, env: dict[fx.Node, Any]) -> fx.Node:

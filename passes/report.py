@@ -117,13 +117,19 @@ class CheckResult:
         return self.report.matches if self.report else {}
 
     def to_json(self) -> dict:
-        """The ``torchgraft check --json`` document."""
+        """The ``torchgraft check --json`` document. ``sqnr_db`` is what the verify stage
+        measured, one entry per handler in run order, with the fields of ``metrics.json``'s
+        ``sqnr_db`` (:class:`~torchgraft.passes.verify.HandlerSqnr`); empty when the plan
+        did not run. Its floats may be infinite: print it with
+        :func:`~torchgraft.train.strict_json.dumps_strict`, as the CLI does."""
+        sqnr = self.report.sqnr.values() if self.report else ()
         return {
             "ok": self.ok,
             "order": self.order,
             "matches": self.matches,
             "problems": [p.to_dict() for p in self.problems],
             "allowed": [p.to_dict() for p in self.allowed],
+            "sqnr_db": [dataclasses.asdict(s) for s in sqnr],
         }
 
     def __str__(self) -> str:

@@ -20,7 +20,8 @@ would read as a failure of any rewrite. A value of ordinary size is judged again
 own norm, so a gradient that stops flowing still reads 0 dB.
 
 **Discrete choices are held:** every run compared with the original takes the original's
-``topk`` choices (a mixture-of-experts router's), and changes that the scores' movement does
+choices (``topk``, ``max`` / ``min`` along a dim, ``argmax`` / ``argmin``: a
+mixture-of-experts router's), and changes that the scores' movement does
 not explain are ``numerics`` problems (:mod:`~torchgraft.passes.pinned_choices`).
 
 **Each handler is judged twice** (see :class:`HandlerSqnr`): its *step* (the graph after
@@ -75,10 +76,11 @@ from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils._pytree import tree_leaves
 
+from torchgraft.ir.choices import CHOICE_OPS
 from torchgraft.ir.graph_copy import copy_graph_module
 from torchgraft.ir.rewriter import GraphEditor, MatchRecord
 from torchgraft.passes.calibrate import NoisyInterpreter, Rewritten, Values, regions, signed_like
-from torchgraft.passes.pinned_choices import Choice, RecordChoices, ReplayChoices
+from torchgraft.passes.pinned_choices import Chosen, RecordChoices, ReplayChoices
 from torchgraft.passes.plan import Step
 from torchgraft.passes.problems import Problem
 
@@ -178,9 +180,10 @@ class HandlerSqnr:
     op_tolerance_db: float | None = None
     """The handler's ``op_sqnr_tolerance``."""
     choices_changed: int | None = None
-    """Rows (tokens) whose ``topk`` choice, e.g. of experts, differs after this handler from
-    the original graph's; the comparison holds them to the original's
-    (:mod:`~torchgraft.passes.pinned_choices`). None when the graph makes no such choice."""
+    """Rows (tokens) whose choice (``topk``, ``max`` along a dim, ``argmax`` ...), e.g. of
+    experts, differs after this handler from the original graph's; the comparison holds
+    them to the original's (:mod:`~torchgraft.passes.pinned_choices`). None when the graph
+    makes no such choice."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +199,6 @@ class _Calibration:
 Isolate = Callable[[Step], "Rewritten | None"]
 """Builds the original graph rewritten by one handler alone, with the places it rewrote
 (None: it rewrites nothing there)."""
-
-_TOPK = torch.ops.aten.topk.default
 
 _NOISE_SEED = 10_000
 """Offset of the calibration noise's seed from the verifier's (other random streams)."""
@@ -229,15 +230,20 @@ class Verifier:
         self.problems: list[Problem] = []
         self.reference: Values | None = None
         self.floors: dict[str, float] = {}
-        self.choices: list[Choice] = []
-        """The original graph's ``topk`` choices on the inputs, which runs compared with it
-        take (:mod:`~torchgraft.passes.pinned_choices`)."""
+        self.choices: list[Chosen] = []
+        """The original graph's discrete choices (``topk``, ``max`` along a dim, ``argmax``
+        ...) on the inputs, which runs compared with it take
+        (:mod:`~torchgraft.passes.pinned_choices`)."""
         self.held: ReplayChoices | None = None
         """The last run's held choices (None: nothing held)."""
         try:
             self.inputs = tuple(inputs) if inputs is not None else random_inputs(gm, seed)
             recorder = RecordChoices()
-            has_choices = bool(gm.graph.find_nodes(op="call_function", target=_TOPK))
+            has_choices = any(
+                graph.find_nodes(op="call_function", target=op)
+                for graph in _graphs(gm)
+                for op in CHOICE_OPS
+            )
             self.reference = self._run(gm, recorder if has_choices else contextlib.nullcontext())
             self.choices = recorder.choices
             self.floors = scale_floors(self.reference)
@@ -333,8 +339,8 @@ class Verifier:
         if held is not None and held.unexplained:
             self._problem(
                 step,
-                f"after '{step.name}' {held.unexplained} of the rows a topk chooses from (e.g. "
-                "tokens choosing experts) choose otherwise than the original graph, though "
+                f"after '{step.name}' {held.unexplained} of the rows a choice op (topk, max, "
+                "argmax ...) chooses from (e.g. tokens choosing experts) choose otherwise than the original graph, though "
                 "their scores moved too little to explain it: the choice itself changed",
             )
         if calibration is not None and not calibration.op_db >= calibration.op_tolerance_db:
@@ -390,7 +396,7 @@ class Verifier:
 
     def _measure(self, module: Callable[..., Any], pin: bool = False) -> Values:
         """Outputs and gradients of ``module`` on the inputs; with ``pin``, taking the
-        original graph's ``topk`` choices where it calls ``topk`` as the original does."""
+        original graph's choices where it calls choice ops as the original does."""
         self.held = None
         if not (pin and self.choices):
             return self._run(module, contextlib.nullcontext())
@@ -433,6 +439,12 @@ def _tolerance(step: Step, reference: Values) -> float:
     if step.handler.sqnr_tolerance is None:
         return exact_tolerance(reference)
     return float(step.handler.sqnr_tolerance)
+
+
+def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
+    """``gm``'s graph and those of its graph submodules (the bodies of higher-order ops such
+    as a ``torch.no_grad()`` region, which a run executes too)."""
+    return [m.graph for m in gm.modules() if isinstance(m, fx.GraphModule)]
 
 
 def _held_to(step: Step, calibrated: bool) -> str:

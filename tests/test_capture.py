@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -103,6 +105,30 @@ def test_transformers_model_as_it_ships():
     torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits)
     with pytest.raises(ValueError):  # the fixed argument is not an input any more
         gm(ids, use_cache=False)
+
+
+def test_use_cache_passed_on_through_kwargs():
+    """Regression: GraniteMoE's ``forward`` takes ``use_cache`` only through ``**kwargs``,
+    so it was not set and capture failed ("Found DynamicCache in output")."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GraniteMoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = transformers.GraniteMoeForCausalLM(config)
+    assert "use_cache" not in inspect.signature(model.forward).parameters
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = tg.capture(model, (ids,))
+    assert [n.target for n in gm.graph.find_nodes(op="placeholder")] == ["input_ids"]
+    torch.testing.assert_close(gm(ids).logits, model(ids, use_cache=False).logits)
 
 
 def test_an_explicit_use_cache_is_kept():

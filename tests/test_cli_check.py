@@ -3,7 +3,9 @@ matrix that never shows a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +16,10 @@ import pytest
 
 import torchgraft as tg
 from torchgraft.cli import main
+from torchgraft.passes.report import CheckResult, Report
+from torchgraft.passes.verify import HandlerSqnr
 from torchgraft.tools.plain_text import plain_text
+from torchgraft.train.strict_json import dumps_strict
 
 TESTS = Path(__file__).parent
 
@@ -53,13 +58,25 @@ def test_json_output_is_exactly_the_documented_document(tmp_path, capsys):
     code, out, _ = run(["check", config, "--json"], capsys)
     assert code == 1
     doc = json.loads(out)
-    assert list(doc) == ["ok", "order", "matches", "problems", "allowed"]
+    assert list(doc) == ["ok", "order", "matches", "problems", "allowed", "sqnr_db"]
     assert doc["ok"] is False
     assert doc["order"] == ["t_fuse_rms", "t_silu", "t_relu"]
     assert doc["matches"] == {"t_fuse_rms": 5, "t_silu": 2, "t_relu": 0}
     (problem,) = doc["problems"]
     assert list(problem) == ["kind", "handlers", "rule", "node", "source", "message"]
     assert problem["kind"] == "no_match" and problem["handlers"] == ["t_relu"]
+
+
+def test_json_sqnr_of_an_exact_handler_is_strict_json():
+    # An exact rewrite reads +inf dB, a handler that does not approximate has a -inf
+    # tolerance: both become null with a reason, as in metrics.json.
+    exact = HandlerSqnr("h", math.inf, math.inf, "output 0", -math.inf, alone_db=math.inf)
+    report = Report(order=["h"], sqnr={"h": exact})
+    text = dumps_strict(CheckResult(["h"], [], report=report).to_json())
+    (entry,) = json.loads(text, parse_constant=pytest.fail)["sqnr_db"]
+    assert entry["step_db"] is None and entry["step_db_why"].startswith("inf: no difference")
+    assert entry["tolerance_db"] is None and "no tolerance" in entry["tolerance_db_why"]
+    assert entry["handler"] == "h" and entry["worst"] == "output 0"
 
 
 def test_problems_exit_1_with_readable_blocks(tmp_path, capsys):
@@ -216,13 +233,21 @@ def test_console_entry_points_run_in_a_real_process(tmp_path):
     results = {key: (p.wait(timeout=240), *p.communicate()) for key, p in procs.items()}
     code, out, err = results["clean"]
     assert code == 0, err
-    assert json.loads(out) == {
+    doc = json.loads(out)
+    sqnr = doc.pop("sqnr_db")
+    assert doc == {
         "ok": True,
         "order": ["t_fuse_rms", "t_silu"],
         "matches": {"t_fuse_rms": 5, "t_silu": 2},
         "problems": [],
         "allowed": [],
     }
+    # What verify measured, per handler in run order, with metrics.json's sqnr_db fields.
+    assert [s["handler"] for s in sqnr] == ["t_fuse_rms", "t_silu"]
+    for s in sqnr:
+        assert list(s) == [f.name for f in dataclasses.fields(HandlerSqnr)]
+        assert s["tolerance_db"] <= s["step_db"] < math.inf
+        assert s["total_db"] >= s["tolerance_db"] and s["worst"]
     code, out, err = results["yaml"]
     assert code == 2 and out == "" and "Traceback" not in err
     assert err == "torchgraft check: error: " + configs["yaml"] + ":2:1: invalid YAML: " + (

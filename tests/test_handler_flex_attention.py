@@ -380,3 +380,17 @@ def test_attention_dropout_is_skipped_with_the_reason():
     q, k, v = (t.detach() for t in _model_layout_qkv(seed=17))
     (skipped,) = FlexAttention().skipped(tg.capture(Eager(), (q, k, v)))
     assert "attention dropout p=0.1 while training" in skipped.reason
+
+
+@pytest.mark.parametrize("perm", [(0, 2, 1, 3), (2, 0, 1, 3), (0, 1, 2, 3), (3, 2, 1, 0)])
+def test_the_output_takes_the_memory_layout_of_the_attention_it_replaces(perm):
+    from torchgraft.handlers.flex_attention import in_memory_order, memory_order
+
+    torch.manual_seed(sum(perm))
+    shape = (2, 3, 5, 4)
+    # a [B, H, S, D] tensor laid out in memory in the order ``perm`` (outermost first)
+    laid_out = torch.randn([shape[d] for d in perm]).permute([perm.index(d) for d in range(4)])
+    order = memory_order(laid_out)
+    assert order == (None if perm == (0, 1, 2, 3) else perm)
+    copied = in_memory_order(laid_out.contiguous(), order)
+    assert copied.stride() == laid_out.stride() and torch.equal(copied, laid_out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import fx
 
-from torchgraft.ir.node_edit import erase_nodes, insert_node
+from torchgraft.ir.node_edit import Inserter, erase_nodes, insert_node
 
 
 class Small(torch.nn.Module):
@@ -65,6 +65,21 @@ def test_insert_matches_create_node():
         )
     assert _state(ours) == _state(theirs)
     assert [n.name for n in ours.graph.nodes][:5] == ["x", "y", "relu", "relu_1", "relu_2"]
+    ours.graph.lint()
+
+
+def test_one_inserter_for_many_nodes_matches_create_node():
+    """An Inserter reuses the find_nodes table entry of a target between insertions."""
+    ours, theirs = _pair()
+    x, add = _node(theirs, "x"), _node(theirs, "add")
+    with theirs.graph.inserting_before(add):
+        for target in (torch.sigmoid, torch.relu, torch.sigmoid):
+            theirs.graph.create_node("call_function", target, (x,), {}, name="s")
+    x, add = _node(ours, "x"), _node(ours, "add")
+    inserter = Inserter(ours.graph)
+    for target in (torch.sigmoid, torch.relu, torch.sigmoid):
+        inserter.insert(add, "call_function", target, (x,), {}, "s", {})
+    assert _state(ours) == _state(theirs)
     ours.graph.lint()
 
 

@@ -221,8 +221,18 @@ MOE = {
             num_experts_per_tok=2,
         )
     ),
+    "phimoe": lambda: transformers.PhimoeForCausalLM(
+        transformers.PhimoeConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+    ),
+    "jetmoe": lambda: transformers.JetMoeForCausalLM(  # mixture of attention heads, too
+        transformers.JetMoeConfig(
+            **_DECODER, num_local_experts=4, num_experts_per_tok=2, kv_channels=16
+        )
+    ),
 }
-"""Mixture-of-experts LMs (2 layers, 4 experts, top-2), as transformers ships them."""
+"""Mixture-of-experts LMs (2 layers, 4 experts, top-2), as transformers ships them: Mixtral
+and Qwen2-MoE choose experts with ``topk``, PhiMoE's sparse mixer with ``max`` along a dim
+inside a ``torch.no_grad()`` region (exported as a higher-order op)."""
 
 
 def _capture_moe(arch: str) -> Captured:
@@ -240,6 +250,16 @@ def mixtral() -> Captured:
 @pytest.fixture(scope="module")
 def qwen2_moe() -> Captured:
     return _capture_moe("qwen2_moe")
+
+
+@pytest.fixture(scope="module")
+def phimoe() -> Captured:
+    return _capture_moe("phimoe")
+
+
+@pytest.fixture(scope="module")
+def jetmoe() -> Captured:
+    return _capture_moe("jetmoe")
 
 
 @pytest.mark.parametrize("handler", ["float8", "mx"])
@@ -280,19 +300,26 @@ def test_held_choices_do_not_hide_a_wrong_router(qwen2_moe):
     assert result.report.sqnr["ContraryRouter"].choices_changed == 2 * BATCH * SEQ  # 2 layers
 
 
+ROUTERS = {"mixtral": "gate", "phimoe": "router"}
+"""The router's name in each MoE's ``mlp`` (the handlers find it by structure, not name)."""
+
+
+@pytest.mark.parametrize("arch", sorted(ROUTERS))
 @pytest.mark.parametrize("handler", LINEAR_HANDLERS)
-def test_the_expert_router_stays_in_high_precision_by_structure(mixtral, handler):
-    """A router's logits pick each token's experts (``topk``): rounding them moves tokens to
-    other experts, so the handlers leave it alone, found by structure like the head
-    (``skip_router``). Measured on this Mixtral before: int8 converted both routers and
-    failed check (router gradient 12.0 dB < 26), mx too (7.4 dB)."""
-    report = tg.PassManager([handler]).run(mixtral.copy())
+def test_the_expert_router_stays_in_high_precision_by_structure(request, arch, handler):
+    """A router's logits pick each token's experts (``topk``; ``max`` inside a no-grad
+    region for PhiMoE): rounding them moves tokens to other experts, so the handlers leave
+    it alone, found by structure like the head (``skip_router``). Measured before: int8
+    converted both of Mixtral's routers and failed check (router gradient 12.0 dB < 26), mx
+    too (7.4 dB); mx and bitnet converted PhiMoE's (router gradient -63 / -40 dB)."""
+    moe = request.getfixturevalue(arch)
+    report = tg.PassManager([handler]).run(moe.copy())
     skipped = {s.module_fqn: s.reason for s in report.skipped[handler]}
-    routers = {f"model.layers.{i}.mlp.gate" for i in range(2)}
+    routers = {f"model.layers.{i}.mlp.{ROUTERS[arch]}" for i in range(2)}
     assert routers <= set(skipped)
     assert all("routes tokens to experts" in skipped[fqn] for fqn in routers)
-    assert tg.PassManager([handler]).check(mixtral.gm) == []
-    unskipped = tg.PassManager([{handler: {"skip_router": False}}]).run(mixtral.copy())
+    assert tg.PassManager([handler]).check(moe.gm) == []
+    unskipped = tg.PassManager([{handler: {"skip_router": False}}]).run(moe.copy())
     still = {s.module_fqn: s.reason for s in unskipped.skipped[handler]}
     assert not any("routes tokens" in reason for reason in still.values())
     # converted, unless the format refuses the shape (float8: N=4 experts is not a multiple of 16)
@@ -449,6 +476,23 @@ def test_flex_attention_converts_the_attention(zoo, arch):
 def test_flex_attention_numerics(zoo, arch):
     """Outputs and gradients of the converted graph against SDPA (one flex compile each)."""
     assert tg.PassManager(["flex_attention"]).check(zoo.llm(arch).gm) == []
+
+
+def test_flex_attention_lays_its_output_out_as_sdpa_did(jetmoe):
+    """Regression: SDPA returns the query's memory layout (``[B, S, H, D]`` here) and JetMoE
+    ``view``s the transposed output, which only that layout allows; flex's contiguous
+    ``[B, H, S, D]`` output made the rewritten graph fail ("view size is not compatible
+    with input tensor's size and stride"). The op's output now takes the matched one's."""
+    sdpa = jetmoe.gm.graph.find_nodes(
+        op="call_function", target=aten.scaled_dot_product_attention.default
+    )
+    assert not sdpa[0].meta["val"].is_contiguous()  # the layout this is about
+    gm = jetmoe.copy()
+    report = tg.PassManager(["flex_attention"]).run(gm)
+    assert report.matches == {"flex_attention": 2}
+    out = _logits(gm(*jetmoe.inputs))
+    assert sqnr(out, jetmoe.reference) > 40
+    assert tg.PassManager(["flex_attention"]).check(jetmoe.gm) == []
 
 
 @pytest.mark.parametrize("arch", list(LLMS))
