@@ -20,24 +20,9 @@ from typing import Any
 from torch import fx
 
 
-def insert_node(
-    graph: fx.Graph,
-    before: fx.Node,
-    op: str,
-    target: Any,
-    args: tuple,
-    kwargs: dict[str, Any],
-    name: str,
-    meta: dict[str, Any],
-) -> fx.Node:
-    """A new node ``op(target)(*args, **kwargs)`` right before ``before``, named ``name``
-    (made unique as ``create_node`` does), with ``meta``."""
-    return Inserter(graph).insert(before, op, target, args, kwargs, name, meta)
-
-
 class Inserter:
-    """:func:`insert_node` for many nodes of one graph: the graph's namespace, hooks and
-    ``find_nodes`` table entries are looked up once, not per node."""
+    """Inserts nodes into one graph: the graph's namespace, hooks and ``find_nodes`` table
+    entries are looked up once, not per node."""
 
     def __init__(self, graph: fx.Graph) -> None:
         self.graph = graph
@@ -58,7 +43,8 @@ class Inserter:
         name: str,
         meta: dict[str, Any],
     ) -> fx.Node:
-        """See :func:`insert_node`."""
+        """A new node ``op(target)(*args, **kwargs)`` right before ``before``, named ``name``
+        (made unique as ``create_node`` does), with ``meta``."""
         graph, namespace = self.graph, self._namespace
         name = namespace.create_name(name, None)
         node = fx.Node(graph, name, op, target, args, kwargs)

@@ -77,19 +77,21 @@ def test_same_tensor_twice_is_captured_as_two_inputs():
     torch.testing.assert_close(gm(tokens, labels), model(tokens, labels))
 
 
+_TINY_DECODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+)
+
+
 def _qwen2():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return transformers.Qwen2ForCausalLM(config)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_TINY_DECODER))
 
 
 def test_transformers_model_as_it_ships():
@@ -113,15 +115,7 @@ def test_use_cache_passed_on_through_kwargs():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GraniteMoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        num_local_experts=4,
-        num_experts_per_tok=2,
+        **_TINY_DECODER, num_local_experts=4, num_experts_per_tok=2
     )
     model = transformers.GraniteMoeForCausalLM(config)
     assert "use_cache" not in inspect.signature(model.forward).parameters

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import fx
 
-from torchgraft.ir.node_edit import Inserter, erase_nodes, insert_node
+from torchgraft.ir.node_edit import Inserter, erase_nodes
 
 
 class Small(torch.nn.Module):
@@ -53,8 +53,7 @@ def test_insert_matches_create_node():
             node.meta.update(tag="new")
     x, add = _node(ours, "x"), _node(ours, "add")
     for _ in range(2):
-        insert_node(
-            ours.graph,
+        Inserter(ours.graph).insert(
             add,
             "call_function",
             torch.sigmoid,
@@ -99,7 +98,9 @@ def test_hooks_are_called():
     created, erased = [], []
     gm._register_create_node_hook(lambda n: created.append(n.name))
     gm._register_erase_node_hook(lambda n: erased.append(n.name))
-    node = insert_node(gm.graph, _node(gm, "add"), "call_function", torch.sigmoid, (), {}, "s", {})
+    node = Inserter(gm.graph).insert(
+        _node(gm, "add"), "call_function", torch.sigmoid, (), {}, "s", {}
+    )
     erase_nodes(gm.graph, [node])
     assert created == erased == ["s"]
 

@@ -235,40 +235,27 @@ and Qwen2-MoE choose experts with ``topk``, PhiMoE's sparse mixer with ``max`` a
 inside a ``torch.no_grad()`` region (exported as a higher-order op)."""
 
 
-def _capture_moe(arch: str) -> Captured:
-    torch.manual_seed(0)
-    model = MOE[arch]()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    return Captured(model, tg.capture(model, (ids,)), (ids,))
-
-
 @pytest.fixture(scope="module")
-def mixtral() -> Captured:
-    return _capture_moe("mixtral")
+def moe() -> Callable[[str], Captured]:
+    """``moe(arch)``: the :data:`MOE` model ``arch``, built and captured on first use."""
 
+    @functools.cache
+    def captured(arch: str) -> Captured:
+        torch.manual_seed(0)
+        model = MOE[arch]()
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+        return Captured(model, tg.capture(model, (ids,)), (ids,))
 
-@pytest.fixture(scope="module")
-def qwen2_moe() -> Captured:
-    return _capture_moe("qwen2_moe")
-
-
-@pytest.fixture(scope="module")
-def phimoe() -> Captured:
-    return _capture_moe("phimoe")
-
-
-@pytest.fixture(scope="module")
-def jetmoe() -> Captured:
-    return _capture_moe("jetmoe")
+    return captured
 
 
 @pytest.mark.parametrize("handler", ["float8", "mx"])
-def test_expert_choices_are_held_while_numerics_are_judged(qwen2_moe, handler):
+def test_expert_choices_are_held_while_numerics_are_judged(moe, handler):
     """Regression: float8 / mx on Qwen2-MoE failed check on the experts' weight gradient
     (9.2 / 10.0 dB), which no handler touches: rounding upstream moved 4-5 of the 32 tokens
     to other experts. The judge now holds each topk to the original's choice, and reports
     how many rows would have chosen otherwise."""
-    result = tg.PassManager([handler]).dry_run(qwen2_moe.gm)
+    result = tg.PassManager([handler]).dry_run(moe("qwen2_moe").gm)
     assert result.problems == []
     s = result.report.sqnr[handler]
     assert s.choices_changed > 0 and s.step_db > 15
@@ -291,10 +278,10 @@ class ContraryRouter(tg.Handler):
         return values, index
 
 
-def test_held_choices_do_not_hide_a_wrong_router(qwen2_moe):
+def test_held_choices_do_not_hide_a_wrong_router(moe):
     """Held to the original's choice, the contrary router's outputs equal the original's;
     but every row chose otherwise from unchanged scores, which no rounding explains."""
-    result = tg.PassManager([ContraryRouter]).dry_run(qwen2_moe.gm)
+    result = tg.PassManager([ContraryRouter]).dry_run(moe("qwen2_moe").gm)
     assert [p.kind for p in result.problems] == ["numerics"]
     assert "scores moved too little to explain it" in result.problems[0].message
     assert result.report.sqnr["ContraryRouter"].choices_changed == 2 * BATCH * SEQ  # 2 layers
@@ -306,20 +293,20 @@ ROUTERS = {"mixtral": "gate", "phimoe": "router"}
 
 @pytest.mark.parametrize("arch", sorted(ROUTERS))
 @pytest.mark.parametrize("handler", LINEAR_HANDLERS)
-def test_the_expert_router_stays_in_high_precision_by_structure(request, arch, handler):
+def test_the_expert_router_stays_in_high_precision_by_structure(moe, arch, handler):
     """A router's logits pick each token's experts (``topk``; ``max`` inside a no-grad
     region for PhiMoE): rounding them moves tokens to other experts, so the handlers leave
     it alone, found by structure like the head (``skip_router``). Measured before: int8
     converted both of Mixtral's routers and failed check (router gradient 12.0 dB < 26), mx
     too (7.4 dB); mx and bitnet converted PhiMoE's (router gradient -63 / -40 dB)."""
-    moe = request.getfixturevalue(arch)
-    report = tg.PassManager([handler]).run(moe.copy())
+    captured = moe(arch)
+    report = tg.PassManager([handler]).run(captured.copy())
     skipped = {s.module_fqn: s.reason for s in report.skipped[handler]}
     routers = {f"model.layers.{i}.mlp.{ROUTERS[arch]}" for i in range(2)}
     assert routers <= set(skipped)
     assert all("routes tokens to experts" in skipped[fqn] for fqn in routers)
-    assert tg.PassManager([handler]).check(moe.gm) == []
-    unskipped = tg.PassManager([{handler: {"skip_router": False}}]).run(moe.copy())
+    assert tg.PassManager([handler]).check(captured.gm) == []
+    unskipped = tg.PassManager([{handler: {"skip_router": False}}]).run(captured.copy())
     still = {s.module_fqn: s.reason for s in unskipped.skipped[handler]}
     assert not any("routes tokens" in reason for reason in still.values())
     # converted, unless the format refuses the shape (float8: N=4 experts is not a multiple of 16)
@@ -478,11 +465,12 @@ def test_flex_attention_numerics(zoo, arch):
     assert tg.PassManager(["flex_attention"]).check(zoo.llm(arch).gm) == []
 
 
-def test_flex_attention_lays_its_output_out_as_sdpa_did(jetmoe):
+def test_flex_attention_lays_its_output_out_as_sdpa_did(moe):
     """Regression: SDPA returns the query's memory layout (``[B, S, H, D]`` here) and JetMoE
     ``view``s the transposed output, which only that layout allows; flex's contiguous
     ``[B, H, S, D]`` output made the rewritten graph fail ("view size is not compatible
     with input tensor's size and stride"). The op's output now takes the matched one's."""
+    jetmoe = moe("jetmoe")
     sdpa = jetmoe.gm.graph.find_nodes(
         op="call_function", target=aten.scaled_dot_product_attention.default
     )
