@@ -130,8 +130,9 @@ _SCORE_PATH = (_RESHAPES - {aten.tanh.default}) | {
     aten.softmax.int,
     aten._softmax.default,
 }
-"""Ops that keep a mixture-of-experts router's logits its scores: reshapes and casts,
-softmax, and any pointwise op (sigmoid, masking, added noise: :func:`_keeps_scores`)."""
+"""Reshapes, casts and softmax: ops that keep a mixture-of-experts router's logits its
+scores when they read them as their input; so does any pointwise op (sigmoid, masking,
+added noise), whichever operand the scores are (:func:`_keeps_scores`)."""
 
 ROUTER_REACH = 4
 """How many such ops at most lie between a router and the choice of experts (Mixtral:
