@@ -41,7 +41,6 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
-import logging
 import math
 import sys
 import types
@@ -345,24 +344,23 @@ class Config:
         torch cannot turn into Python code (a submodule named ``a"b``) is a
         :class:`ConfigError`."""
         shapes = batch_dynamic_shapes(inputs) if dynamic_batch else None
-        with _quiet_fake_tensor_log():
-            try:
-                gm = capture(
-                    model,
-                    tuple(inputs),
-                    method=self.capture.method,
-                    strict=self.capture.strict,
-                    dynamic_shapes=shapes,
-                )
-            except CaptureError as exc:  # its source line and hint, on the one line
-                message = "; ".join(line.strip() for line in str(exc).splitlines())
-                raise ConfigError(f"model: {message}", self.locations.get("model")) from None
-            except SyntaxError as exc:
-                raise ConfigError(
-                    f"model: the captured graph's code does not compile ({exc.msg}: "
-                    f"{shown(exc.text or '')}); give submodules and parameters identifier names",
-                    self.locations.get("model.factory"),
-                ) from None
+        try:
+            gm = capture(
+                model,
+                tuple(inputs),
+                method=self.capture.method,
+                strict=self.capture.strict,
+                dynamic_shapes=shapes,
+            )
+        except CaptureError as exc:  # its source line and hint, on the one line
+            message = "; ".join(line.strip() for line in str(exc).splitlines())
+            raise ConfigError(f"model: {message}", self.locations.get("model")) from None
+        except SyntaxError as exc:
+            raise ConfigError(
+                f"model: the captured graph's code does not compile ({exc.msg}: "
+                f"{shown(exc.text or '')}); give submodules and parameters identifier names",
+                self.locations.get("model.factory"),
+            ) from None
         if dynamic_batch and self.capture.dynamic_batch and not has_dynamic_batch(gm):
             raise ConfigError(
                 f"capture.dynamic_batch: {type(model).__name__} fixes the batch size of its "
@@ -468,19 +466,6 @@ class Config:
         finally:
             for p in added:
                 sys.path.remove(p)
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_log() -> Iterator[None]:
-    """Keep torch's fake-tensor logger from printing a traceback of an error that is
-    reported as one line (it logs the failing op before re-raising)."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def load_config(path: str | Path) -> Config:

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
-from torchgraft.ir.errors import CaptureError
+from torchgraft.ir.errors import CaptureError, quiet_fake_tensor_log
 from torchgraft.ir.provenance import is_user_file, user_frame_from_text
 
 Method = Literal["export", "symbolic_trace"]
@@ -118,9 +118,10 @@ def _export(
     elif fixed and isinstance(dynamic_shapes, (tuple, list)):
         dynamic_shapes = (*dynamic_shapes, *(None for _ in fixed))
     try:
-        program = torch.export.export(
-            model, args, {**kwargs, **fixed}, strict=strict, dynamic_shapes=dynamic_shapes
-        )
+        with quiet_fake_tensor_log():  # the CaptureError says what failed
+            program = torch.export.export(
+                model, args, {**kwargs, **fixed}, strict=strict, dynamic_shapes=dynamic_shapes
+            )
     except Exception as exc:
         raise _capture_error(model, "torch.export", exc, _export_hint(exc)) from exc
     if not fixed:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 
 class TorchgraftError(Exception):
     """Base class of every error torchgraft raises on purpose."""
@@ -32,3 +36,15 @@ class RewriteError(TorchgraftError):
         self.rule = rule
         self.node = node
         self.source = source
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """Keep torch's fake-tensor logger from printing the traceback of an error that
+    torchgraft reports itself, in one line (it logs the failing op before re-raising)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled

@@ -15,9 +15,8 @@ import contextlib
 import dataclasses
 import dis
 import inspect
-import logging
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,13 +25,12 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import (
     DynamicOutputShapeException,
     FakeTensor,
-    FakeTensorMode,
 )
 from torch.fx.experimental.symbolic_shapes import ShapeEnv, statically_known_true, sym_eq
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_map_only
 
-from torchgraft.ir.errors import RuleDefinitionError
+from torchgraft.ir.errors import RuleDefinitionError, quiet_fake_tensor_log
 from torchgraft.ir.leaf import is_leaf, leaf_fake, patched_fx_wraps
 from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.state import BOUND_NODE, NEW_ATTRIBUTE, NewAttribute, tracing
@@ -292,18 +290,6 @@ def _device(val: torch.Tensor) -> torch.device:
     return val.fake_device if type(val) is FakeTensor else val.device
 
 
-_FAKE_TENSOR_LOG = logging.getLogger(FakeTensorMode.__module__)
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
-
-
 def trace_replacement(rule: Rule, match: Match) -> Template:
     """Trace ``rule``'s replacement for the values bound in ``match``."""
     node_vals = [v.meta.get("val") for v in match.bindings.values() if isinstance(v, fx.Node)]
@@ -327,7 +313,7 @@ def trace_replacement(rule: Rule, match: Match) -> Template:
             kwargs[rule.argument_names.get(name, name)] = value
     args = (match.handler,) if rule.wants_handler else ()
     # The fake-tensor log's traceback would repeat the error we raise.
-    with _quiet(_FAKE_TENSOR_LOG), tracing(tracer), patched_fx_wraps():
+    with quiet_fake_tensor_log(), tracing(tracer), patched_fx_wraps():
         result = rule.replace_fn(*args, **kwargs)
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     expected = len(rule.pattern.outputs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +196,31 @@ def test_module_fqn_normalizes_both_export_spellings(path, fqn):
     node = torch.fx.Graph().placeholder("x")
     node.meta["nn_module_stack"] = {"key": (path, torch.nn.Linear)}
     assert module_fqn(node) == fqn
+
+
+_NO_BOUNDS = """
+import torch
+import torchgraft as tg
+
+
+class NoBounds(torch.nn.Module):
+    def forward(self, x):
+        # fails in the op's fake kernel while export traces, as DBRX's clip did
+        return torch.clamp(x, torch.ones(()) if x.dim() > 9 else None, None)
+
+
+try:
+    tg.capture(NoBounds(), (torch.randn(2, 3),))
+except tg.CaptureError as exc:
+    print(type(exc).__name__, str(exc).splitlines()[0])
+"""
+
+
+def test_a_failed_export_is_one_error_without_torchs_logged_traceback():
+    """Regression: torch's fake-tensor logger printed the traceback of the failing op
+    ("failed while attempting to run meta for aten.clamp") above the CaptureError."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_BOUNDS], capture_output=True, text=True, timeout=240
+    )
+    assert done.stdout.startswith("CaptureError torch.export could not capture NoBounds")
+    assert "attempting to run meta" not in done.stderr and "Traceback" not in done.stderr
