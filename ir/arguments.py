@@ -187,8 +187,8 @@ def call_args(node: fx.Node) -> tuple:
 def call_args_like(node: fx.Node, length: int) -> tuple:
     """:func:`call_args` with a fast path: a node without keyword arguments that already
     has ``length`` positional ones (the usual case in exported graphs) is returned as is."""
-    args = node.args
-    if len(args) == length and not node.kwargs:
+    args = node._args  # the storage of Node.args / .kwargs: no property call
+    if len(args) == length and not node._kwargs:
         return args
     return call_args(node)
 

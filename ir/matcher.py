@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from torchgraft.ir.arguments import argument_name, call_args_like
+from torchgraft.ir.match_compiler import PLAIN_LITERALS, compiled_matcher
 from torchgraft.ir.pattern import OPS, accepts, same_value, target_name
 from torchgraft.ir.provenance import describe
 from torchgraft.ir.rule import Match, Rule
@@ -240,8 +241,8 @@ class _Solver:
                 state[p] = g
                 used.add(g)
                 pargs, contexts, count, written, written_contexts = self.plans[p]
-                gargs = g.args
-                if len(gargs) == count and not g.kwargs:
+                gargs = g._args  # the storage of Node.args / .kwargs: no property call
+                if len(gargs) == count and not g._kwargs:
                     pargs, contexts = written, written_contexts  # both tails are the defaults
                 else:
                     gargs = call_args_like(g, len(pargs))
@@ -286,7 +287,7 @@ class _Solver:
                     (pi, gi, (pnode, index, (*path, i)))
                     for i, (pi, gi) in reversed(list(enumerate(zip(p, g))))
                 )
-            elif type(p) is type(g) and type(p) in _PLAIN_LITERALS and p == g:
+            elif type(p) is type(g) and type(p) in PLAIN_LITERALS and p == g:
                 continue  # the common case, decided without same_value
             elif isinstance(g, fx.Node) or not same_value(p, g):
                 return self._fail(
@@ -306,10 +307,6 @@ def _may_unify(p: Any, g: Any) -> bool:
     return (
         isinstance(g, fx.Node) and g.op == p.op and (g.target == p.target or p.op == "call_module")
     )
-
-
-_PLAIN_LITERALS = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device})
-"""Literal types whose ``==`` between two values of the same type is ``same_value``'s."""
 
 
 def _not_above(anchor: fx.Node, ops: list[fx.Node]) -> list[fx.Node]:
@@ -424,8 +421,13 @@ class _AnchoredMatcher:
     def __init__(self, rule: Rule, handler: Any, is_live: IsLive) -> None:
         self.rule = rule
         self.is_live = is_live
+        self.handler = handler
         self.accept = _Acceptance(rule, handler, is_live)
         self.solver = _Solver(rule, is_live, self.accept, record=False)
+        self.compiled = compiled_matcher(rule, is_assertion)
+        """The pattern as straight-line code (see :mod:`torchgraft.ir.match_compiler`), or
+        None: then the solver searches."""
+        self.filtered = bool(rule.include or rule.exclude or rule.where or handler is not None)
         pattern = rule.pattern
         self.expected = pattern.anchor_arg_targets
         self.arity = len(pattern.args[pattern.anchor])
@@ -438,7 +440,14 @@ class _AnchoredMatcher:
 
     def at_candidate(self, node: fx.Node) -> Match | None:
         """The match at ``node``, which calls the anchor's op (one of ``candidates``)."""
-        if not self.is_live(node) or not self._may_match(node):
+        if not self.is_live(node):
+            return None
+        if self.compiled is not None:
+            match = self.compiled(node, self.is_live, self.handler)
+            if match is None or (self.filtered and _filter_failure(match) is not None):
+                return None
+            return match
+        if not self._may_match(node):
             return None
         self.accept.match = None
         if self.solver.solve(node) is None:

@@ -132,7 +132,7 @@ class GraphEditor:
         for node in edited:
             if node in self._retired:
                 continue
-            for arg in node.all_input_nodes:
+            for arg in node._input_nodes:  # all_input_nodes without its list copy
                 if arg in self._retired or arg.graph is not self.graph or not arg < node:
                     state = "replaced" if arg in self._retired else "defined after it"
                     raise TorchgraftError(
@@ -147,7 +147,7 @@ class GraphEditor:
         off the graph instead of computing: left in place, eager mode would compute it)."""
         self.check()
         retired = self._retired
-        orphans = {n: None for r in retired for n in r.all_input_nodes if n not in retired}
+        orphans = {n: None for r in retired for n in r._input_nodes if n not in retired}
         erase_nodes(self.graph, [n for n in reversed(self.graph.nodes) if n in retired])
         self._erase_orphans(list(orphans))
         self._attributes.commit()
