@@ -195,3 +195,21 @@ def test_overlapping_matches_resolved_by_graph_order():
 
     matches = tg.find_matches(graph, tg.Rule(double_neg))
     assert [m.anchor for m in matches] == [n2]  # n3's match would reuse n2
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(graph_spec=dag_specs(3, 3, 9), pattern_spec=dag_specs(2, 1, 3))
+def test_compiled_matcher_agrees_with_solver(graph_spec, pattern_spec):
+    """A single-output pattern without commutative ops runs as compiled code; the solver
+    (which ``explain`` always uses) finds the same match at every node."""
+    from torchgraft.ir.match_compiler import compiled_matcher
+    from torchgraft.ir.matcher import explain, is_assertion
+
+    graph = build_graph(graph_spec, 3)
+    rule = tg.Rule(build_rule(pattern_spec, 2).pattern.fn)
+    assert compiled_matcher(rule, is_assertion) is not None
+    for node in graph.nodes:
+        fast, solved = match_at(rule, node), explain(rule, node).match
+        assert (fast is None) == (solved is None)
+        if fast is not None:
+            assert fast.nodes == solved.nodes and fast.bindings == solved.bindings
