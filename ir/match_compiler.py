@@ -19,7 +19,6 @@ of a pattern is parsed as code.
 
 from __future__ import annotations
 
-import inspect
 import operator
 import weakref
 from collections.abc import Callable
@@ -77,11 +76,7 @@ class _Emitter:
         """Pattern node → the variable holding what it matched or bound."""
         self.op_vars: list[str] = []
         """Variables of the graph nodes the pattern's ops matched, in the order met."""
-        self.constrained = {
-            name
-            for name, annotation in self.pattern.annotations.items()
-            if annotation is not inspect.Parameter.empty and annotation is not Any
-        }
+        self.constrained = self.pattern.constrained
         self._count = 0
 
     def compile(self) -> CompiledMatch:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -89,12 +88,7 @@ class _Solver:
         self.unanchored = _not_above(self.pattern.anchor, self.pattern.ops)
         """Pattern ops not reachable backward from the anchor (other outputs' ops), in
         pattern order: only these can be missing when the work list runs empty."""
-        self.constrained = {
-            name
-            for name, annotation in self.pattern.annotations.items()
-            if annotation is not inspect.Parameter.empty and annotation is not Any
-        }
-        """Parameters whose annotation restricts what they bind."""
+        self.constrained = self.pattern.constrained
         self.plans = {p: self._plan(p, args) for p, args in self.pattern.args.items()}
         """Per pattern op: its normalized arguments with their contexts (for failure
         messages), and the arguments as written when it calls an OpOverload positionally

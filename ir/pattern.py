@@ -136,6 +136,12 @@ class Pattern:
         """The arguments as written of the ops that call an OpOverload positionally: a graph
         call of it with as many positional arguments and no keywords has the same schema
         defaults after them, so the two compare without normalizing."""
+        self.constrained = {
+            name
+            for name, annotation in self.annotations.items()
+            if annotation is not inspect.Parameter.empty and annotation is not Any
+        }
+        """Parameters whose annotation restricts what they bind."""
         self.anchor_arg_targets = tuple(
             (i, arg.target)
             for i, arg in enumerate(self.args[self.anchor])

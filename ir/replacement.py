@@ -266,7 +266,8 @@ def signature(match: Match) -> tuple:
     bindings = match.bindings
     key: list = [tuple(bindings)]
     # Reading a fake tensor's properties checks for a __torch_function__ override first;
-    # FakeTensor has none, and skipping the check halves the cost of the key.
+    # FakeTensor has none. Skipping the check makes each read about half as costly (the
+    # whole key ~20 % cheaper).
     with torch._C.DisableTorchFunctionSubclass():
         for value in bindings.values():
             if isinstance(value, fx.Node):
