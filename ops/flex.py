@@ -37,21 +37,34 @@ Design, from what torch 2.13 does on CPU:
   :data:`RECOMPILE_LIMIT` around its call (the default 8 is reached by one process converting
   a few models, and past it dynamo would fall back to eager flex). Inductor's CPU backend
   needs a C++ compiler.
-* **Backward: this module's formula.** Flex has no backward on CPU, eager or compiled
+* **Padded and checked.** Inductor generates the CPU kernel for the machine's instruction
+  set, and its correctness depends on it: with torch 2.13 on AVX2, causal attention over 8,
+  24 or 40 positions came out wrong or NaN (:data:`KV_LENGTH_MULTIPLE` says why; keys and
+  values are padded to avoid it). As a guard against faults not yet known, the first call of
+  each kernel variant (shapes, strides, dtype, mask kind, scale, window, soft-cap) runs it on
+  random inputs of the same layout and compares it with the blocked formula in float64
+  (:data:`KERNEL_MIN_SQNR_DB`); a variant that fails is logged once on the ``torchgraft``
+  logger and computed by the blocked formula below (float32, exact, slower).
+* **Backward: the blocked formula.** Flex has no backward on CPU, eager or compiled
   ("FlexAttention does not support backward on CPU"). ``torchgraft::flex_attention_backward``
-  recomputes the masked softmax in blocks of :data:`BACKWARD_BLOCK` query rows (only keys up
+  recomputes the masked softmax in blocks of :data:`QUERY_BLOCK` query rows (only keys up
   to the block's last row: every mask here is causal), with the same ``mask_mod``, in
-  float32, so it holds ``[B, H, BACKWARD_BLOCK, S]`` scores at a time.
+  float32, so it holds ``[B, H, QUERY_BLOCK, S]`` scores at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+
+from .numerics import sqnr
 
 __all__ = [
     "causal_mask",
@@ -65,8 +78,9 @@ __all__ = [
 
 aten = torch.ops.aten
 
-BACKWARD_BLOCK = 128
-"""Query rows per block of the backward, which holds ``[B, H, BACKWARD_BLOCK, S]`` scores."""
+QUERY_BLOCK = 128
+"""Query rows per block of the blocked formula (the backward, and the forward where the
+compiled kernel failed its check), which holds ``[B, H, QUERY_BLOCK, S]`` scores."""
 
 _BLOCK_SIZE = 128
 """Sparse block size of the ``BlockMask`` (flex's default)."""
@@ -176,18 +190,23 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
+def _keys_below(mask_mod: MaskMod, kv_len: int) -> MaskMod:
+    """``mask_mod`` restricted to the first ``kv_len`` keys (the rest are padding)."""
+
+    def mask_mod_below(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & (kv_idx < kv_len)
+
+    return mask_mod_below
+
+
+@functools.cache
 def _causal_block_mask(
-    q_len: int, kv_len: int, device: torch.device, window: int | None
+    q_len: int, kv_len: int, padded_kv_len: int, device: torch.device, window: int | None
 ) -> BlockMask:
-    return _block_mask(_mask_mod(None, window), 1, q_len, kv_len, device)
-
-
-def _mask_for(
-    doc_ids: torch.Tensor | None, q_len: int, kv_len: int, device, window: int | None
-) -> BlockMask:
-    if doc_ids is None:
-        return _causal_block_mask(q_len, kv_len, torch.device(device), window)
-    return _block_mask(document_mask(doc_ids), doc_ids.shape[0], q_len, kv_len, device)
+    mask_mod = _mask_mod(None, window)
+    if q_len > kv_len and padded_kv_len > kv_len:  # causality would show late queries the pad
+        mask_mod = _keys_below(mask_mod, kv_len)
+    return _block_mask(mask_mod, 1, q_len, padded_kv_len, device)
 
 
 def _check_args(
@@ -232,6 +251,69 @@ def _check_args(
             raise ValueError(f"flex_attention: doc_ids must be integers, got {doc_ids.dtype}")
 
 
+@dataclasses.dataclass
+class _Block:
+    """One block of query rows of the blocked formula, in its compute dtype."""
+
+    rows: slice
+    keys: slice  # causal: keys after the block's last row are masked for all of its rows
+    scale: float
+    q: torch.Tensor  # [B, H, rows, E], times the scale
+    k: torch.Tensor  # [B, H, keys, E], kv heads repeated for GQA
+    v: torch.Tensor  # [B, H, keys, Ev]
+    probs: torch.Tensor  # softmax of the masked (and capped) scores, [B, H, rows, keys]
+    capped: torch.Tensor | None  # tanh(s / softcap) when soft-capped
+
+
+def _attention_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    scale: float | None,
+    window: int | None,
+    softcap: float | None,
+    dtype: torch.dtype,
+    starts: Sequence[int] | None = None,
+) -> Iterator[_Block]:
+    """The masked softmax of :func:`flex_attention`, :data:`QUERY_BLOCK` query rows at a time
+    (the blocks that begin at ``starts``, default all), computed in ``dtype`` with the op's own
+    ``mask_mod``."""
+    batch, heads, q_len, head_dim = q.shape
+    group, kv_len = heads // k.shape[1], k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    k_all = k.to(dtype).repeat_interleave(group, dim=1) if group > 1 else k.to(dtype)
+    v_all = v.to(dtype).repeat_interleave(group, dim=1) if group > 1 else v.to(dtype)
+    mask_mod = _mask_mod(doc_ids, window)
+    dev = q.device
+    b_idx = torch.arange(batch, device=dev).view(batch, 1, 1, 1)
+    h_idx = torch.arange(heads, device=dev).view(1, heads, 1, 1)
+    kv_idx = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len)
+    for start in range(0, q_len, QUERY_BLOCK) if starts is None else starts:
+        rows = slice(start, min(start + QUERY_BLOCK, q_len))
+        keys = slice(0, min(rows.stop, kv_len))
+        q_idx = torch.arange(start, rows.stop, device=dev).view(1, 1, -1, 1)
+        allowed = mask_mod(b_idx, h_idx, q_idx, kv_idx[..., keys])
+        q_c = q[:, :, rows].to(dtype) * scale
+        k_c, v_c = k_all[:, :, keys], v_all[:, :, keys]
+        scores = q_c @ k_c.transpose(-1, -2)
+        capped = None
+        if softcap is not None:
+            capped = torch.tanh(scores / softcap)
+            scores = capped * softcap
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        yield _Block(rows, keys, scale, q_c, k_c, v_c, probs, capped)
+
+
+def _blocked_attention(q, k, v, doc_ids, scale, window, softcap, dtype) -> torch.Tensor:
+    """:func:`flex_attention`'s output by the blocked formula, in ``dtype``."""
+    out = q.new_empty((*q.shape[:3], v.shape[-1]), dtype=dtype)
+    for block in _attention_blocks(q, k, v, doc_ids, scale, window, softcap, dtype):
+        out[:, :, block.rows] = block.probs @ block.v
+    return out
+
+
 RECOMPILE_LIMIT = 64
 """Compiled variants of flex the op keeps (dynamo's ``recompile_limit`` during its call)."""
 
@@ -240,6 +322,117 @@ RECOMPILE_LIMIT = 64
 def _compiled_flex_attention() -> Callable:
     # Built on first use: importing torch.compile's machinery takes seconds.
     return torch.compile(_flex_attention, dynamic=False)
+
+
+KERNEL_MIN_SQNR_DB = {torch.float64: 80.0, torch.float32: 80.0}
+"""SQNR (dB) the compiled kernel must reach against the float64 formula in its check; other
+dtypes (bfloat16, float16) need :data:`HALF_KERNEL_MIN_SQNR_DB`. A right kernel reaches
+~135 dB in float32; the faulty one (AVX2, unpadded keys) gave 12-24 dB or NaN."""
+
+HALF_KERNEL_MIN_SQNR_DB = 30.0
+
+_kernel_verdicts: dict[tuple, bool] = {}
+_log = logging.getLogger("torchgraft")
+
+
+KV_LENGTH_MULTIPLE = 16
+"""The compiled kernel sees keys and values padded to a multiple of this many positions.
+
+Inductor's CPU flex kernel (torch 2.13) computes ``q kᵀ`` with a micro-GEMM blocked by 16
+columns (``GemmBlocking(1, 16, 1)``). On a partial block of ``N`` keys where ``N`` is a
+multiple of the CPU's float vector width but less than 16 (8 on AVX2, 4 or 8 or 12 with
+128-bit vectors; never with AVX-512's 16), its transposed-B tail kernel still reads and
+writes all 16 columns: it reads past the keys and overwrites the row's running maximum, so
+the output is wrong or NaN, depending on what lies in memory. Every block of a padded
+length is a multiple of 16. The padded keys are masked (causality hides them from every
+query when ``L <= S``, :func:`_keys_below` otherwise)."""
+
+
+def _compiled_kernel(q, k, v, doc_ids, scale, window, softcap) -> torch.Tensor:
+    """Compiled flex on keys and values padded to :data:`KV_LENGTH_MULTIPLE`."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    pad = -kv_len % KV_LENGTH_MULTIPLE
+    if pad:
+        k, v = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))
+        if doc_ids is not None:  # never read for a real query: L == S and masks are causal
+            doc_ids = F.pad(doc_ids, (0, pad), value=-1)
+    if doc_ids is None:
+        block_mask = _causal_block_mask(q_len, kv_len, kv_len + pad, q.device, window)
+    else:
+        block_mask = _block_mask(document_mask(doc_ids), q.shape[0], q_len, kv_len + pad, q.device)
+    # The scale is made explicit and GQA always on (a no-op when H == Hkv) so that one
+    # compiled kernel serves every call of a given shape and mask kind.
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _compiled_flex_attention()(
+            q,
+            k,
+            v,
+            block_mask=block_mask,
+            score_mod=None if softcap is None else softcap_score(softcap),
+            scale=q.shape[-1] ** -0.5 if scale is None else scale,
+            enable_gqa=True,
+        )
+
+
+def _compiled_kernel_is_right(q, k, v, doc_ids, scale, window, softcap) -> bool:
+    """Whether the compiled kernel for these inputs' shapes, layouts and mask kind computes
+    the formula: once per variant, on random inputs laid out like these, against the blocked
+    formula in float64 (the first and last batch entries' first and last blocks of
+    :data:`QUERY_BLOCK` query rows). A variant that fails is logged once and runs the
+    blocked formula.
+
+    Inductor generates the CPU kernel for the machine's instruction set, and its
+    correctness has depended on it (:data:`KV_LENGTH_MULTIPLE` avoids the fault found); this
+    check keeps a fault not yet known from reaching the user's numbers.
+    """
+    variant = (
+        *((tuple(t.shape), t.stride()) for t in (q, k, v)),
+        q.dtype,
+        q.device,
+        doc_ids is None,
+        scale,
+        window,
+        softcap,
+    )
+    verdict = _kernel_verdicts.get(variant)
+    if verdict is None:
+        generator = torch.Generator(q.device).manual_seed(0)
+        q_r, k_r, v_r = (torch.empty_like(t).normal_(generator=generator) for t in (q, k, v))
+        out = _compiled_kernel(q_r, k_r, v_r, doc_ids, scale, window, softcap)
+        # The reference is computed for the first and last batch entries' first and last
+        # blocks of query rows only, which bounds its memory by that of one backward block.
+        batches = sorted({0, q.shape[0] - 1})
+        starts = sorted({0, (q.shape[2] - 1) // QUERY_BLOCK * QUERY_BLOCK})
+        picked = [None if t is None else t[batches] for t in (q_r, k_r, v_r, doc_ids)]
+        blocks = list(
+            _attention_blocks(*picked, scale, window, softcap, torch.float64, starts=starts)
+        )
+        quality = sqnr(
+            torch.cat([out[batches][:, :, block.rows] for block in blocks], dim=2),
+            torch.cat([block.probs @ block.v for block in blocks], dim=2),
+        )
+        verdict = quality >= KERNEL_MIN_SQNR_DB.get(q.dtype, HALF_KERNEL_MIN_SQNR_DB)
+        _kernel_verdicts[variant] = verdict
+        if not verdict:
+            _log.warning(
+                "torchgraft::flex_attention: the compiled flex kernel for q %s, k %s, v %s "
+                "(%s, %s mask) is wrong on this CPU (%.1f dB against the formula); these "
+                "shapes run the blocked formula instead (%d query rows at a time, slower)",
+                tuple(q.shape),
+                tuple(k.shape),
+                tuple(v.shape),
+                q.dtype,
+                _mask_kind(doc_ids, window),
+                quality,
+                QUERY_BLOCK,
+            )
+    return verdict
+
+
+def _mask_kind(doc_ids: torch.Tensor | None, window: int | None) -> str:
+    if doc_ids is not None:
+        return "document"
+    return "causal" if window is None else f"sliding-window {window}"
 
 
 @torch.library.custom_op("torchgraft::flex_attention", mutates_args=())
@@ -256,21 +449,13 @@ def flex_attention(
     """Causal attention, within documents when ``doc_ids`` is given, over the last
     ``window`` keys when ``window`` is given, with soft-capped scores when ``softcap`` is."""
     _check_args(q, k, v, doc_ids, enable_gqa, window, softcap)
-    block_mask = _mask_for(doc_ids, q.shape[2], k.shape[2], q.device, window)
-    # The op's own autograd formula differentiates it, so flex sees plain tensors. The scale
-    # is made explicit and GQA always on (a no-op when H == Hkv) so that one compiled kernel
-    # serves every call of a given shape and mask kind.
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        out = _compiled_flex_attention()(
-            q.detach(),
-            k.detach(),
-            v.detach(),
-            block_mask=block_mask,
-            score_mod=None if softcap is None else softcap_score(softcap),
-            scale=q.shape[-1] ** -0.5 if scale is None else scale,
-            enable_gqa=True,
-        )
-    return out.contiguous()  # the layout the fake implementation promises
+    # The op's own autograd formula differentiates it, so flex sees plain tensors.
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if _compiled_kernel_is_right(q, k, v, doc_ids, scale, window, softcap):
+        out = _compiled_kernel(q, k, v, doc_ids, scale, window, softcap)
+    else:
+        out = _blocked_attention(q, k, v, doc_ids, scale, window, softcap, torch.float32)
+    return out.to(q.dtype).contiguous()  # the layout the fake implementation promises
 
 
 @flex_attention.register_fake
@@ -299,42 +484,23 @@ def flex_attention_backward(
     capped scores ``c · tanh(s / c)`` and ``dS`` is multiplied by their derivative
     ``1 − tanh²(s / c)``.
     """
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, _, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    k32 = k.float().repeat_interleave(group, dim=1) if group > 1 else k.float()
-    v32 = v.float().repeat_interleave(group, dim=1) if group > 1 else v.float()
-    mask_mod = _mask_mod(doc_ids, window)
-    dev = q.device
-    b_idx = torch.arange(batch, device=dev).view(batch, 1, 1, 1)
-    h_idx = torch.arange(heads, device=dev).view(1, heads, 1, 1)
-    kv_idx = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len)
-    dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
-    dk32 = torch.zeros(k32.shape, dtype=torch.float32, device=dev)
-    dv32 = torch.zeros(v32.shape, dtype=torch.float32, device=dev)
-    for start in range(0, q_len, BACKWARD_BLOCK):
-        stop = min(start + BACKWARD_BLOCK, q_len)
-        keys = slice(0, min(stop, kv_len))  # causal: later keys are masked for these rows
-        q_idx = torch.arange(start, stop, device=dev).view(1, 1, -1, 1)
-        allowed = mask_mod(b_idx, h_idx, q_idx, kv_idx[..., keys])
-        q_c = q[:, :, start:stop].float() * scale
-        do_c = grad_out[:, :, start:stop].float()
-        k_c, v_c = k32[:, :, keys], v32[:, :, keys]
-        scores = q_c @ k_c.transpose(-1, -2)
-        if softcap is not None:
-            capped = torch.tanh(scores / softcap)
-            scores = capped * softcap
-        scores.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk32 = torch.zeros((batch, heads, kv_len, head_dim), dtype=torch.float32, device=q.device)
+    dv32 = torch.zeros((batch, heads, kv_len, v.shape[-1]), dtype=torch.float32, device=q.device)
+    for block in _attention_blocks(q, k, v, doc_ids, scale, window, softcap, torch.float32):
+        rows, keys, probs = block.rows, block.keys, block.probs
+        do_c = grad_out[:, :, rows].float()
         dv32[:, :, keys] += probs.transpose(-1, -2) @ do_c
-        dscores = do_c @ v_c.transpose(-1, -2)  # dP, then dS = P * (dP - rowsum(P * dP))
+        dscores = do_c @ block.v.transpose(-1, -2)  # dP, then dS = P * (dP - rowsum(P * dP))
         delta = (probs * dscores).sum(-1, keepdim=True)
         dscores.sub_(delta).mul_(probs)
-        if softcap is not None:
-            dscores.mul_(1 - capped * capped)
-        dq[:, :, start:stop] = (dscores @ k_c) * scale
-        dk32[:, :, keys] += dscores.transpose(-1, -2) @ q_c
+        if block.capped is not None:
+            dscores.mul_(1 - block.capped * block.capped)
+        dq[:, :, rows] = (dscores @ block.k) * block.scale
+        dk32[:, :, keys] += dscores.transpose(-1, -2) @ block.q
     if group > 1:
         dk32 = dk32.view(batch, kv_heads, group, kv_len, head_dim).sum(2)
         dv32 = dv32.view(batch, kv_heads, group, kv_len, v.shape[-1]).sum(2)

@@ -10,6 +10,11 @@ compile: the block mask and the backward.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,6 +137,69 @@ def test_backward_op_with_window_and_softcap_matches_autograd(window, softcap):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(99))
     actual = ops.flex_attention_backward(grad_out, q, k, v, None, None, True, window, softcap)
     _assert_all_close((out, *actual), (out, *expected))
+
+
+_AVX2_SCRIPT = """
+import json, torch, torch.nn.functional as F
+from torchgraft.ops import flex
+
+def reference(q, k, v, window, doc):
+    i, j = torch.arange(q.shape[2]).view(-1, 1), torch.arange(k.shape[2]).view(1, -1)
+    allowed = (i >= j) & (i - j < (window or q.shape[2]))
+    if doc is not None:
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])[:, None]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed)
+
+results = []
+gen = torch.Generator().manual_seed(0)
+for q_len, kv_len, window, documents in [(8, 8, None, 0), (24, 8, None, 0), (24, 24, 16, 0),
+                                          (40, 40, None, 3)]:
+    q = torch.randn(2, 4, q_len, 16, generator=gen)
+    k, v = (torch.randn(2, 4, kv_len, 16, generator=gen) for _ in "kv")
+    doc = torch.randint(0, documents, (2, q_len), generator=gen).sort(-1).values if documents else None
+    out = torch.ops.torchgraft.flex_attention(q, k, v, doc, None, False, window)
+    results.append(flex.sqnr(out, reference(q, k, v, window, doc)))
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "sqnr": results,
+                  "kernel_right": list(flex._kernel_verdicts.values())}))
+"""
+
+
+def test_compiled_kernel_is_right_at_lengths_that_broke_it_on_avx2():
+    """Inductor's AVX2 flex kernel overwrote the running row maximum on a block of 8, 24 or
+    40 keys (wrong or NaN outputs, CI's CPU); padded keys avoid it. Run with the AVX2 kernel
+    forced (``ATEN_CPU_CAPABILITY``), on any CPU that has AVX2, in a fresh process."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert min(result["sqnr"]) > 120, result
+    assert all(result["kernel_right"]) and len(result["kernel_right"]) == 4, result
+
+
+def test_a_kernel_that_fails_its_check_is_replaced_by_the_formula(monkeypatch, caplog):
+    """A compiled kernel whose output is wrong (here: ours, given a flex whose scores are
+    off by a factor of 2) is caught by the one-time check: the op logs it once and returns
+    the blocked formula's values, forward and backward."""
+    from torchgraft.ops import flex
+
+    def wrong_flex(q, k, v, *, scale, **kwargs):
+        return flex._flex_attention(q, k, v, scale=2 * scale, **kwargs)
+
+    monkeypatch.setattr(flex, "_compiled_flex_attention", lambda: wrong_flex)
+    monkeypatch.setattr(flex, "_kernel_verdicts", {})
+    q, k, v = _qkv(2, 4, 2, 24, 16, seed=21)
+    expected = _out_and_grads(_sdpa_with_mask(None, 24, gqa=True), q, k, v)
+    with caplog.at_level("WARNING", logger="torchgraft"):
+        first = _out_and_grads(
+            lambda q, k, v: ops.flex_attention(q, k, v, None, None, True), q, k, v
+        )
+        again = ops.flex_attention(q.detach(), k.detach(), v.detach(), None, None, True)
+    _assert_all_close(first, expected)
+    torch.testing.assert_close(again, expected[0])
+    warned = [r.getMessage() for r in caplog.records if "flex kernel" in r.getMessage()]
+    assert len(warned) == 1 and "(2, 4, 24, 16)" in warned[0] and "causal mask" in warned[0]
 
 
 def test_opcheck():
