@@ -178,6 +178,7 @@ def test_compiled_kernel_is_right_at_lengths_that_broke_it_on_avx2():
     assert all(result["kernel_right"]) and len(result["kernel_right"]) == 4, result
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_a_kernel_that_fails_its_check_is_replaced_by_the_formula(monkeypatch, caplog):
     """A compiled kernel whose output is wrong (here: ours, given a flex whose scores are
     off by a factor of 2) is caught by the one-time check: the op logs it once and returns
