@@ -164,11 +164,17 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "sqnr":
 """
 
 
-def test_compiled_kernel_is_right_at_lengths_that_broke_it_on_avx2():
+def test_compiled_kernel_is_right_at_lengths_that_broke_it_on_avx2(tmp_path):
     """Inductor's AVX2 flex kernel overwrote the running row maximum on a block of 8, 24 or
     40 keys (wrong or NaN outputs, CI's CPU); padded keys avoid it. Run with the AVX2 kernel
-    forced (``ATEN_CPU_CAPABILITY``), on any CPU that has AVX2, in a fresh process."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    forced (``ATEN_CPU_CAPABILITY``), on any CPU that has AVX2, in a fresh process with its
+    own inductor cache: entries compiled under a forced capability, found later by a process
+    with the CPU's own, crashed it (heap corruption in a compiled float8 model, torch 2.13)."""
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
     done = subprocess.run(
         [sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
