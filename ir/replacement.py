@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map_only
 
 from torchgraft.ir.errors import RuleDefinitionError, quiet_fake_tensor_log
 from torchgraft.ir.leaf import is_leaf, leaf_fake, patched_fx_wraps
+from torchgraft.ir.meta_run import NOT_RUN, run_on_meta
 from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.state import BOUND_NODE, NEW_ATTRIBUTE, NewAttribute, tracing
 
@@ -188,6 +189,10 @@ class _Tracer(fx.Tracer):
     def _run_fake(self, node: fx.Node, fn: Callable | None = None) -> Any:
         """Run ``node``'s op (or ``fn``, a leaf's fake function) on its inputs' fake values."""
         args, kwargs = map_aggregate((node.args, node.kwargs), _fake_value)
+        if fn is None and self.fake_mode is not None:
+            result = run_on_meta(self.fake_mode, node.target, args, kwargs)
+            if result is not NOT_RUN:
+                return result
         context = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
         call = (
             (lambda: getattr(args[0], node.target)(*args[1:], **kwargs))
