@@ -2,15 +2,15 @@
 
 Tracing a replacement gives each new node its ``meta["val"]`` by running the op on the
 inputs' fake tensors. For ops outside torch's own namespaces the fake-tensor mode keeps no
-dispatch cache ("non-builtin" bypass), and each call costs 0.6-2 ms of Python dispatch
-(autograd wrapper, fake kernel lookup, output wrapping); a rewrite traces such an op once
-per distinct signature. The op's fake function, which ``register_fake`` also installs as
-its Meta kernel, gives the same shapes, strides and dtypes on meta tensors for about a
-fifth of that. The result is wrapped back as fake tensors on the inputs' device.
+dispatch cache ("non-builtin" bypass), and each call costs 0.65 ms (2-3 ms the first time)
+of Python dispatch: autograd wrapper, fake kernel lookup, output wrapping; a rewrite traces
+such an op once per distinct signature. The op's fake function, which ``register_fake``
+also installs as its Meta kernel, gives the same shapes, strides and dtypes on meta tensors
+in about 0.2 ms (``benchmarks/rewrite_scaling.py``'s linear op, measured in a trace). The result is wrapped back as fake tensors on the inputs' device.
 
-Only the plain case takes this path: a functional op (no argument it writes to), tensor
-inputs that are static-shaped, strided, zero-offset fake tensors of one fake mode on one
-device, no device among the other arguments, and meta tensors out. Anything else, and any
+Only the plain case takes this path: a functional op (no argument it writes to, no output
+aliasing an input), tensor inputs that are static-shaped, strided, zero-offset fake tensors
+of one fake mode on one device, no device among the other arguments, and meta tensors out. Anything else, and any
 op that raises on meta tensors (a fake function that needs ``torch.library.get_ctx()``,
 for example for a data-dependent size), returns :data:`NOT_RUN` and goes through the
 fake-tensor mode as before.
@@ -72,9 +72,12 @@ def run_on_meta(fake_mode: FakeTensorMode, op: Any, args: tuple, kwargs: dict) -
 
 
 def _takes_meta_path(op: Any) -> bool:
+    """A functional op outside torch's namespaces: no argument it writes to, no output that
+    aliases an input (a view op's result must share its input's fake storage)."""
     if not isinstance(op, torch._ops.OpOverload) or op.namespace in BUILTIN_NAMESPACES:
         return False
-    return not op._schema.is_mutable
+    schema = op._schema
+    return all(a.alias_info is None for a in (*schema.arguments, *schema.returns))
 
 
 def _is_plain_fake(value: torch.Tensor, fake_mode: FakeTensorMode) -> bool:

@@ -66,6 +66,11 @@ def _(x, device):
     return torch.empty_like(x, device=device)
 
 
+_VIEWS = torch.library.Library("torchgraft_meta_test", "FRAGMENT")
+_VIEWS.define("first_rows(Tensor(a) x) -> Tensor(a)")
+_VIEWS.impl("first_rows", lambda x: x[:2], "CompositeExplicitAutograd")
+
+
 def _fakes(mode: FakeTensorMode, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [mode.from_tensor(t) for t in tensors]
 
@@ -95,6 +100,7 @@ def test_cases_the_meta_path_leaves_to_fake_mode():
     refused = {
         "builtin op": (aten.mm.default, (x, w.t()), {}),
         "mutating op": (ops.scale_.default, (x, 2.0), {}),
+        "view op": (ops.first_rows.default, (x,), {}),
         "data-dependent size": (ops.positives.default, (x,), {}),
         "device argument": (ops.to_device.default, (x, torch.device("cpu")), {}),
         "tensors of another fake mode": (ops.split_scale.default, (x, other, 1.0), {}),
