@@ -6,14 +6,15 @@ dispatch cache ("non-builtin" bypass), and each call costs 0.65 ms (2-3 ms the f
 of Python dispatch: autograd wrapper, fake kernel lookup, output wrapping; a rewrite traces
 such an op once per distinct signature. The op's fake function, which ``register_fake``
 also installs as its Meta kernel, gives the same shapes, strides and dtypes on meta tensors
-in about 0.2 ms (``benchmarks/rewrite_scaling.py``'s linear op, measured in a trace). The result is wrapped back as fake tensors on the inputs' device.
+in about 0.2 ms (``benchmarks/rewrite_scaling.py``'s linear op, measured in a trace). The
+result is wrapped back as fake tensors on the inputs' device.
 
 Only the plain case takes this path: a functional op (no argument it writes to, no output
 aliasing an input), tensor inputs that are static-shaped, strided, zero-offset fake tensors
-of one fake mode on one device, no device among the other arguments, and meta tensors out. Anything else, and any
-op that raises on meta tensors (a fake function that needs ``torch.library.get_ctx()``,
-for example for a data-dependent size), returns :data:`NOT_RUN` and goes through the
-fake-tensor mode as before.
+of one fake mode on one device, no device among the other arguments, and meta tensors out.
+Anything else, and any op that raises on meta tensors (a fake function that needs
+``torch.library.get_ctx()``, for example for a data-dependent size), returns
+:data:`NOT_RUN` and goes through the fake-tensor mode as before.
 """
 
 from __future__ import annotations
@@ -46,13 +47,7 @@ def run_on_meta(fake_mode: FakeTensorMode, op: Any, args: tuple, kwargs: dict) -
         if not _is_plain_fake(value, fake_mode) or (device is not None and value.device != device):
             return NOT_RUN
         device = value.device
-        flat[i] = torch.empty_strided(
-            value.shape,
-            value.stride(),
-            dtype=value.dtype,
-            device="meta",
-            requires_grad=value.requires_grad,
-        )
+        flat[i] = meta_like(value, requires_grad=value.requires_grad)
     if device is None:
         return NOT_RUN
     meta_args, meta_kwargs = tree_unflatten(flat, spec)
@@ -69,6 +64,13 @@ def run_on_meta(fake_mode: FakeTensorMode, op: Any, args: tuple, kwargs: dict) -
         for t in outputs
     ]
     return tree_unflatten(wrapped, out_spec)
+
+
+def meta_like(value: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+    """An empty meta tensor with ``value``'s shape, strides and dtype."""
+    return torch.empty_strided(
+        value.shape, value.stride(), dtype=value.dtype, device="meta", requires_grad=requires_grad
+    )
 
 
 def _takes_meta_path(op: Any) -> bool:
