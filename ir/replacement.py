@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map_only
 
 from torchgraft.ir.errors import RuleDefinitionError, quiet_fake_tensor_log
 from torchgraft.ir.leaf import is_leaf, leaf_fake, patched_fx_wraps
-from torchgraft.ir.meta_run import NOT_RUN, meta_like, run_on_meta
+from torchgraft.ir.meta_run import NOT_RUN, fake_from_meta, meta_like, run_on_meta
 from torchgraft.ir.rule import Match, Rule
 from torchgraft.ir.state import BOUND_NODE, NEW_ATTRIBUTE, NewAttribute, tracing
 
@@ -174,8 +174,7 @@ class _Tracer(fx.Tracer):
         if self.fake_mode is None:
             copy = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
         else:  # wrapped from a meta tensor: a fake-mode op would cost ~100 µs of dispatch
-            converter = self.fake_mode.fake_tensor_converter
-            copy = converter.from_meta_and_device(self.fake_mode, meta_like(val), val.device)
+            copy = fake_from_meta(self.fake_mode, meta_like(val), val.device)
         if not val.requires_grad:
             return copy
         copy.requires_grad_()
